@@ -1,0 +1,401 @@
+"""Typed run configuration: recipes (YAML), presets, `key=value` overrides and validation.
+
+The dataclasses here hold only what a recipe author sets. megatron-core's own configs
+(TransformerConfig, OptimizerConfig, DistributedDataParallelConfig) are built from them by the
+`to_*` functions, so that every megatron-core default stays megatron-core's and nothing is
+declared twice.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run; the message names the field, the rule and the fix."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Sections
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class ModelConfig:
+    """Llama-family architecture. `preset` fills every field first; explicit fields win."""
+
+    preset: Optional[str] = None
+    num_layers: int = 2
+    hidden_size: int = 64
+    ffn_hidden_size: int = 224
+    num_attention_heads: int = 4
+    num_query_groups: int = 2
+    vocab_size: int = 512
+    max_position_embeddings: int = 8192
+    rotary_base: float = 500_000.0
+    norm_epsilon: float = 1e-5
+    init_method_std: float = 0.02
+    # auto: Transformer Engine when importable on CUDA, else the project's document-masked
+    # attention (flash-attn varlen / PyTorch kernels on CUDA, SDPA per document on CPU).
+    attention_backend: str = "auto"  # auto | te | local
+    # none | selective (core attention only) | full (whole layers, `recompute_num_layers` each)
+    recompute: str = "none"
+    recompute_num_layers: int = 1
+
+    @property
+    def kv_channels(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+
+MODEL_PRESETS: dict[str, dict[str, Any]] = {
+    # Llama-3-8B (prolong-recipe.md). rotary_base is the stage's, set by the recipe.
+    "llama3-8b": dict(
+        num_layers=32, hidden_size=4096, ffn_hidden_size=14336, num_attention_heads=32,
+        num_query_groups=8, vocab_size=128256, max_position_embeddings=8192,
+        rotary_base=500_000.0, norm_epsilon=1e-5,
+    ),
+    # A Llama-3-shaped toy for CPU tests and the demo: GQA, SwiGLU, RMSNorm, RoPE, untied.
+    "tiny": dict(
+        num_layers=4, hidden_size=128, ffn_hidden_size=352, num_attention_heads=8,
+        num_query_groups=4, vocab_size=512, max_position_embeddings=8192,
+        rotary_base=500_000.0, norm_epsilon=1e-5,
+    ),
+}
+
+
+@dataclass
+class ParallelConfig:
+    tensor: int = 1
+    pipeline: int = 1
+    context: int = 1
+    sequence_parallel: bool = False
+    # Transformer Engine path: p2p | a2a | allgather | a2a+p2p. The local path always uses
+    # Ulysses all-to-all.
+    cp_comm_type: str = "p2p"
+
+
+@dataclass
+class TrainingConfig:
+    seq_length: int = 2048
+    micro_batch_size: int = 1
+    global_batch_size: int = 8
+    # Budget: train_tokens wins when set (the recipe states budgets in tokens).
+    train_tokens: Optional[int] = None
+    train_steps: int = 20
+    seed: int = 1234
+    precision: str = "fp32"  # fp32 | bf16
+    device: str = "auto"  # auto | cpu | cuda
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.global_batch_size * self.seq_length
+
+    def total_steps(self) -> int:
+        if self.train_tokens:
+            return max(1, math.ceil(self.train_tokens / self.tokens_per_step))
+        return self.train_steps
+
+
+@dataclass
+class OptimizerConfig:
+    """AdamW as ProLong runs it; turned into megatron.core.optimizer.OptimizerConfig."""
+
+    lr: float = 1e-5
+    min_lr_ratio: float = 0.1  # cosine decays to this fraction of the peak
+    weight_decay: float = 0.1
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0
+    use_distributed_optimizer: bool = True  # honoured on GPU; CPU/gloo cannot reduce-scatter
+
+
+@dataclass
+class SchedulerConfig:
+    warmup_fraction: float = 0.1
+    decay_style: str = "cosine"  # cosine | linear | constant
+
+
+@dataclass
+class DataSection:
+    """Where the training sequences come from; the data pipeline reads the rest of its knobs
+    from `options` so that this file does not mirror every packing option."""
+
+    kind: str = "demo"  # demo | mixture | sft | synthetic
+    mixture: Optional[str] = None  # YAML file of domains and proportions
+    tokenizer: str = "byte"  # byte | llama3 | sentencepiece | hf
+    tokenizer_path: Optional[str] = None
+    smart_batching: bool = True
+    options: dict = field(default_factory=dict)
+
+
+@dataclass
+class CheckpointConfig:
+    save_interval: int = 0  # steps; 0 saves only at the end
+    keep_last: int = 3
+    load: Optional[str] = None  # a checkpoint directory to start from
+    load_optimizer: bool = True
+    reset_schedule: bool = False  # stage 2: keep weights and optimizer, restart the LR schedule
+
+
+@dataclass
+class LoggingConfig:
+    log_interval: int = 1
+    tensorboard: bool = True
+
+
+@dataclass
+class RunConfig:
+    name: str = "run"
+    run_dir: str = "runs/run"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    data: DataSection = field(default_factory=DataSection)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading: YAML recipe -> dataclasses, then key=value overrides
+# ---------------------------------------------------------------------------------------------
+def _type_of(cls, name: str):
+    return typing.get_type_hints(cls)[name]
+
+
+def _coerce(value: Any, typ, where: str) -> Any:
+    origin = typing.get_origin(typ)
+    if origin is typing.Union:  # Optional[X]
+        args = [a for a in typing.get_args(typ) if a is not type(None)]
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            return None
+        return _coerce(value, args[0], where)
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on", "false", "0", "no", "off"):
+            return value.lower() in ("true", "1", "yes", "on")
+        raise ConfigError(f"{where}: expected true/false, got {value!r}")
+    if typ is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        try:
+            f = float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}") from None
+        if f != int(f):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return int(f)
+    if typ is float:
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where}: expected a number, got {value!r}") from None
+    if typ is str:
+        return str(value)
+    if typ is dict or origin is dict:
+        if isinstance(value, str):
+            value = yaml.safe_load(value)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return value
+    return value
+
+
+def _apply_mapping(obj, mapping: dict, where: str) -> None:
+    names = {f.name for f in dataclasses.fields(obj)}
+    for key, value in mapping.items():
+        if key not in names:
+            raise ConfigError(
+                f"{where}.{key}: unknown field; known fields are {', '.join(sorted(names))}"
+            )
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{where}.{key}: expected a section (mapping), got {value!r}")
+            _apply_mapping(current, value, f"{where}.{key}")
+        else:
+            setattr(obj, key, _coerce(value, _type_of(type(obj), key), f"{where}.{key}"))
+
+
+def _apply_model_preset(model_section: dict, where: str) -> ModelConfig:
+    model = ModelConfig()
+    preset = model_section.get("preset")
+    if preset is not None:
+        if preset not in MODEL_PRESETS:
+            raise ConfigError(
+                f"{where}.preset: unknown preset {preset!r}; choose one of {sorted(MODEL_PRESETS)}"
+            )
+        _apply_mapping(model, MODEL_PRESETS[preset], f"{where}(preset {preset})")
+    _apply_mapping(model, model_section, where)
+    return model
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise ConfigError(f"override {text!r}: expected key=value, e.g. training.train_steps=10")
+    key, raw = text.split("=", 1)
+    return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else ""
+
+
+def _nest(overrides: list[str]) -> dict:
+    tree: dict = {}
+    for text in overrides:
+        path, value = parse_override(text)
+        node = tree
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {text!r}: {part} is set twice")
+        node[path[-1]] = value
+    return tree
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict) and key != "options":
+            out[key] = _merge(out[key], value)
+        elif isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = {**out[key], **value}
+        else:
+            out[key] = value
+    return out
+
+
+def config_from_dict(raw: dict, where: str = "config") -> RunConfig:
+    raw = dict(raw or {})
+    cfg = RunConfig()
+    model_section = raw.pop("model", {}) or {}
+    if not isinstance(model_section, dict):
+        raise ConfigError(f"{where}.model: expected a section (mapping)")
+    cfg.model = _apply_model_preset(model_section, f"{where}.model")
+    _apply_mapping(cfg, raw, where)
+    return cfg
+
+
+def load_config(recipe: Optional[str] = None, overrides: Optional[list[str]] = None) -> RunConfig:
+    """Read a YAML recipe (or the built-in defaults when None) and apply key=value overrides."""
+    raw: dict = {}
+    where = "config"
+    if recipe is not None:
+        if not os.path.exists(recipe):
+            raise ConfigError(f"recipe {recipe!r} does not exist (give a YAML file under examples/)")
+        with open(recipe) as f:
+            try:
+                raw = yaml.safe_load(f) or {}
+            except yaml.YAMLError as exc:
+                raise ConfigError(f"{recipe}: not valid YAML: {exc}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{recipe}: the top level must be a mapping of sections")
+        where = recipe
+    raw = _merge(raw, _nest(overrides or []))
+    return config_from_dict(raw, where)
+
+
+def to_dict(cfg: RunConfig) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: RunConfig, path: str) -> None:
+    """Write the fully resolved configuration (presets and overrides applied) as YAML."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        yaml.safe_dump(to_dict(cfg), f, sort_keys=False)
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation: every rule names its field
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class Layout:
+    """The resolved parallel layout for a world size."""
+
+    world_size: int
+    tp: int
+    pp: int
+    cp: int
+    dp: int
+    num_microbatches: int
+
+
+def _require(ok: bool, message: str, errors: list[str]) -> None:
+    if not ok:
+        errors.append(message)
+
+
+def validate(cfg: RunConfig, world_size: int) -> Layout:
+    """Check everything that can be checked before a process group or a tensor exists."""
+    m, p, t = cfg.model, cfg.parallel, cfg.training
+    errors: list[str] = []
+    for name in ("tensor", "pipeline", "context"):
+        _require(getattr(p, name) >= 1, f"parallel.{name}={getattr(p, name)}: must be >= 1", errors)
+    if errors:
+        raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(errors))
+    tp, pp, cp = p.tensor, p.pipeline, p.context
+    _require(m.hidden_size % m.num_attention_heads == 0,
+             f"model.hidden_size={m.hidden_size}: must be divisible by model.num_attention_heads="
+             f"{m.num_attention_heads}", errors)
+    _require(m.num_attention_heads % m.num_query_groups == 0,
+             f"model.num_query_groups={m.num_query_groups}: must divide model.num_attention_heads="
+             f"{m.num_attention_heads}", errors)
+    _require(m.num_query_groups % tp == 0,
+             f"parallel.tensor={tp}: must divide model.num_query_groups={m.num_query_groups} "
+             "(each tensor-parallel rank holds whole KV groups)", errors)
+    _require(m.ffn_hidden_size % tp == 0,
+             f"parallel.tensor={tp}: must divide model.ffn_hidden_size={m.ffn_hidden_size}", errors)
+    _require(m.vocab_size % tp == 0,
+             f"parallel.tensor={tp}: must divide model.vocab_size={m.vocab_size} "
+             "(the vocabulary is split across tensor-parallel ranks)", errors)
+    _require(m.num_layers % pp == 0,
+             f"parallel.pipeline={pp}: must divide model.num_layers={m.num_layers}", errors)
+    _require((m.num_attention_heads // max(tp, 1)) % cp == 0 or m.attention_backend == "te",
+             f"parallel.context={cp}: must divide the attention heads per tensor-parallel rank "
+             f"({m.num_attention_heads}/{tp}) for Ulysses context parallelism", errors)
+    _require(not p.sequence_parallel or tp > 1,
+             "parallel.sequence_parallel=true: needs parallel.tensor > 1", errors)
+    split = (2 * cp if cp > 1 else 1) * (tp if p.sequence_parallel else 1)
+    _require(t.seq_length % split == 0,
+             f"training.seq_length={t.seq_length}: must be divisible by {split} "
+             f"(2 x context={cp} when context > 1, times tensor={tp} with sequence parallelism)",
+             errors)
+    _require(p.cp_comm_type in ("p2p", "a2a", "allgather", "a2a+p2p"),
+             f"parallel.cp_comm_type={p.cp_comm_type!r}: choose p2p, a2a, allgather or a2a+p2p",
+             errors)
+    _require(m.attention_backend in ("auto", "te", "local"),
+             f"model.attention_backend={m.attention_backend!r}: choose auto, te or local", errors)
+    _require(m.recompute in ("none", "selective", "full"),
+             f"model.recompute={m.recompute!r}: choose none, selective or full", errors)
+    _require(t.precision in ("fp32", "bf16"),
+             f"training.precision={t.precision!r}: choose fp32 or bf16", errors)
+    _require(t.device in ("auto", "cpu", "cuda"),
+             f"training.device={t.device!r}: choose auto, cpu or cuda", errors)
+    _require(0.0 <= cfg.scheduler.warmup_fraction < 1.0,
+             f"scheduler.warmup_fraction={cfg.scheduler.warmup_fraction}: must be in [0, 1)", errors)
+    _require(0.0 <= cfg.optimizer.min_lr_ratio <= 1.0,
+             f"optimizer.min_lr_ratio={cfg.optimizer.min_lr_ratio}: must be in [0, 1]", errors)
+
+    model_parallel = tp * pp * cp
+    dp = world_size // model_parallel if world_size % model_parallel == 0 else 0
+    _require(dp > 0,
+             f"world size {world_size} is not a multiple of parallel.tensor x pipeline x context "
+             f"= {tp} x {pp} x {cp} = {model_parallel}", errors)
+    num_microbatches = 0
+    if dp:
+        per_step = t.micro_batch_size * dp
+        _require(t.global_batch_size % per_step == 0,
+                 f"training.global_batch_size={t.global_batch_size}: must be a multiple of "
+                 f"training.micro_batch_size x data-parallel size = {t.micro_batch_size} x {dp}",
+                 errors)
+        num_microbatches = t.global_batch_size // per_step
+    if errors:
+        raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(errors))
+    return Layout(world_size, tp, pp, cp, dp, num_microbatches)

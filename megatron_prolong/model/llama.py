@@ -1,0 +1,132 @@
+"""Llama-3 as megatron-core's GPTModel: GQA, SwiGLU, RMSNorm, RoPE, untied embeddings, no biases."""
+from __future__ import annotations
+
+import copy
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from megatron.core.models.gpt import GPTModel
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+from megatron.core.transformer import TransformerConfig
+from megatron.core.transformer.spec_utils import ModuleSpec
+
+from megatron_prolong.config import ModelConfig, ParallelConfig
+from megatron_prolong.model.attention import DocumentMaskedAttention
+
+
+def transformer_engine_available() -> bool:
+    try:
+        import transformer_engine.pytorch  # noqa: F401
+    except Exception:
+        return False
+    return torch.cuda.is_available()
+
+
+def use_transformer_engine(model: ModelConfig) -> bool:
+    if model.attention_backend == "te":
+        if not transformer_engine_available():
+            raise RuntimeError(
+                "model.attention_backend=te but Transformer Engine is not importable on CUDA; "
+                "install the `gpu` extra (or use the NGC PyTorch container), or set "
+                "model.attention_backend=local"
+            )
+        return True
+    return model.attention_backend == "auto" and transformer_engine_available()
+
+
+def to_transformer_config(
+    model: ModelConfig,
+    parallel: ParallelConfig,
+    *,
+    precision: str = "fp32",
+    on_cpu: bool = False,
+    use_te: bool = False,
+) -> TransformerConfig:
+    """Build megatron-core's TransformerConfig for a Llama-3-shaped model."""
+    bf16 = precision == "bf16"
+    recompute = {}
+    if model.recompute == "selective":
+        recompute = dict(recompute_granularity="selective")
+    elif model.recompute == "full":
+        recompute = dict(recompute_granularity="full", recompute_method="uniform",
+                         recompute_num_layers=model.recompute_num_layers)
+    return TransformerConfig(
+        num_layers=model.num_layers,
+        hidden_size=model.hidden_size,
+        ffn_hidden_size=model.ffn_hidden_size,
+        num_attention_heads=model.num_attention_heads,
+        num_query_groups=model.num_query_groups,
+        kv_channels=model.kv_channels,
+        normalization="RMSNorm",
+        layernorm_epsilon=model.norm_epsilon,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=False,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        init_method_std=model.init_method_std,
+        tensor_model_parallel_size=parallel.tensor,
+        pipeline_model_parallel_size=parallel.pipeline,
+        context_parallel_size=parallel.context,
+        sequence_parallel=parallel.sequence_parallel,
+        cp_comm_type=parallel.cp_comm_type if use_te else None,
+        params_dtype=torch.bfloat16 if bf16 else torch.float32,
+        pipeline_dtype=torch.bfloat16 if bf16 else torch.float32,
+        bf16=bf16,
+        # Losses are sums over tokens divided by the global token count (document-masked
+        # packed batches have varying loss-token counts; SFT needs token-scaled loss).
+        calculate_per_token_loss=True,
+        # Fusions need CUDA kernels (apex/TE); the CPU path runs the plain PyTorch versions.
+        bias_activation_fusion=use_te,
+        masked_softmax_fusion=False,
+        persist_layer_norm=False,
+        gradient_accumulation_fusion=False,
+        apply_rope_fusion=False,
+        use_cpu_initialization=on_cpu,
+        **recompute,
+    )
+
+
+def llama_layer_spec(use_te: bool) -> ModuleSpec:
+    """Transformer Engine's spec on GPU clusters; otherwise megatron's local spec with the
+    project's document-masked core attention in place of its DotProductAttention."""
+    if use_te:
+        from megatron.core.models.gpt.gpt_layer_specs import (
+            get_gpt_layer_with_transformer_engine_spec,
+        )
+
+        return get_gpt_layer_with_transformer_engine_spec()
+    spec = copy.deepcopy(get_gpt_layer_local_spec(normalization="RMSNorm"))
+    spec.submodules.self_attention.submodules.core_attention = DocumentMaskedAttention
+    return spec
+
+
+def build_llama(
+    model: ModelConfig,
+    parallel: ParallelConfig,
+    *,
+    precision: str = "fp32",
+    on_cpu: bool = False,
+    pre_process: bool = True,
+    post_process: bool = True,
+    use_te: Optional[bool] = None,
+) -> GPTModel:
+    """The model chunk of this pipeline stage (parallel_state must be initialized)."""
+    if use_te is None:
+        use_te = use_transformer_engine(model)
+    config = to_transformer_config(model, parallel, precision=precision, on_cpu=on_cpu,
+                                   use_te=use_te)
+    return GPTModel(
+        config=config,
+        transformer_layer_spec=llama_layer_spec(use_te),
+        vocab_size=model.vocab_size,
+        max_sequence_length=model.max_position_embeddings,
+        pre_process=pre_process,
+        post_process=post_process,
+        share_embeddings_and_output_weights=False,
+        position_embedding_type="rope",
+        rotary_percent=1.0,
+        rotary_base=int(model.rotary_base),
+    )

@@ -1,0 +1,82 @@
+"""Process groups, created once per run: torch.distributed, then megatron-core's parallel_state."""
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state, tensor_parallel
+
+from megatron_prolong.config import Layout
+
+
+@dataclass
+class Runtime:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    on_cpu: bool
+
+
+def resolve_device(requested: str) -> str:
+    if requested == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("training.device=cuda but no GPU is visible; use training.device=cpu")
+    return requested
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed(device: str = "auto", timeout_minutes: int = 30) -> Runtime:
+    """Join the job torchrun/srun started (env:// rendezvous), or start a one-process one."""
+    device = resolve_device(device)
+    on_cpu = device == "cpu"
+    if on_cpu:
+        from megatron_prolong.cpu_compat import enable_cpu_execution
+
+        enable_cpu_execution()
+    if not dist.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
+        rank = int(os.environ.get("RANK", 0))
+        world_size = int(os.environ.get("WORLD_SIZE", 1))
+        dist.init_process_group(
+            backend="gloo" if on_cpu else "nccl",
+            rank=rank,
+            world_size=world_size,
+            timeout=datetime.timedelta(minutes=timeout_minutes),
+        )
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if on_cpu:
+        dev = torch.device("cpu")
+    else:
+        torch.cuda.set_device(local_rank)
+        dev = torch.device("cuda", local_rank)
+    return Runtime(dist.get_rank(), dist.get_world_size(), local_rank, dev, on_cpu)
+
+
+def init_model_parallel(layout: Layout, seed: int) -> None:
+    """megatron-core's tensor/pipeline/context/data groups, then its per-group RNG streams."""
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=layout.tp,
+        pipeline_model_parallel_size=layout.pp,
+        context_parallel_size=layout.cp,
+    )
+    torch.manual_seed(seed)
+    tensor_parallel.model_parallel_cuda_manual_seed(seed)
+
+
+def destroy_model_parallel() -> None:
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()

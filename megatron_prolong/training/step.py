@@ -1,0 +1,177 @@
+"""One optimizer step on megatron-core: model chunks in DDP, forward_backward_func, optimizer.
+
+Batches are packed rows (THD): tokens/labels/loss_mask of shape [1, T] plus cu_seqlens, as
+produced by `megatron_prolong.data.packing.collate_packed`. Losses are token sums; megatron-core
+divides the gradients by the number of loss tokens of the whole global batch
+(calculate_per_token_loss), so every layout, and SFT's token-scaled loss, see the same objective.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Callable, Iterator, Optional
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+from megatron.core.distributed import finalize_model_grads
+from megatron.core.optimizer import OptimizerConfig as McoreOptimizerConfig
+from megatron.core.optimizer import get_megatron_optimizer
+from megatron.core.packed_seq_params import PackedSeqParams
+from megatron.core.pipeline_parallel import get_forward_backward_func
+
+from megatron_prolong.config import Layout, RunConfig
+from megatron_prolong.model.llama import build_llama, use_transformer_engine
+from megatron_prolong.training.parallel import Runtime
+
+
+def packed_seq_params(batch: dict, device) -> PackedSeqParams:
+    cu = batch["cu_seqlens"].to(device=device, dtype=torch.int32)
+    cu_padded = batch.get("cu_seqlens_padded")
+    if cu_padded is not None:
+        cu_padded = cu_padded.to(device=device, dtype=torch.int32)
+    max_seqlen = int(batch.get("max_seqlen") or int((cu[1:] - cu[:-1]).max()))
+    return PackedSeqParams(
+        qkv_format="thd",
+        cu_seqlens_q=cu,
+        cu_seqlens_kv=cu,
+        cu_seqlens_q_padded=cu_padded,
+        cu_seqlens_kv_padded=cu_padded,
+        max_seqlen_q=max_seqlen,
+        max_seqlen_kv=max_seqlen,
+    )
+
+
+def masked_token_loss(loss_mask: torch.Tensor, per_token_loss: torch.Tensor):
+    """megatron-core's 3-tuple loss contract: (loss sum, loss-token count, values to report)."""
+    mask = loss_mask.reshape(-1).float()
+    loss_sum = (per_token_loss.reshape(-1).float() * mask).sum()
+    count = mask.sum().to(torch.int)
+    report = torch.stack([loss_sum.detach(), mask.sum().detach()])
+    return loss_sum, count, {"lm loss": report}
+
+
+def forward_step(data_iterator: Iterator[dict], model):
+    batch = next(data_iterator)
+    device = next(model.parameters()).device
+    tokens = batch["tokens"].to(device)
+    position_ids = torch.arange(tokens.shape[1], device=device).unsqueeze(0)
+    output = model(
+        tokens,
+        position_ids,
+        None,
+        labels=batch["labels"].to(device),
+        packed_seq_params=packed_seq_params(batch, device),
+    )
+    return output, partial(masked_token_loss, batch["loss_mask"].to(device))
+
+
+def to_mcore_optimizer_config(cfg: RunConfig, on_cpu: bool) -> McoreOptimizerConfig:
+    o = cfg.optimizer
+    bf16 = cfg.training.precision == "bf16"
+    return McoreOptimizerConfig(
+        optimizer="adam",
+        lr=o.lr,
+        min_lr=o.lr * o.min_lr_ratio,
+        weight_decay=o.weight_decay,
+        adam_beta1=o.adam_beta1,
+        adam_beta2=o.adam_beta2,
+        adam_eps=o.adam_eps,
+        clip_grad=o.clip_grad,
+        bf16=bf16,
+        params_dtype=torch.bfloat16 if bf16 else torch.float32,
+        # gloo has no reduce-scatter: the distributed optimizer is a GPU (NCCL) feature.
+        use_distributed_optimizer=o.use_distributed_optimizer and not on_cpu,
+    )
+
+
+@dataclass
+class TrainState:
+    model: list  # DDP-wrapped model chunks (one per virtual pipeline stage; here one)
+    optimizer: object
+    layout: Layout
+    forward_backward: Callable = field(repr=False, default=None)
+
+
+def build_model_chunks(cfg: RunConfig, runtime: Runtime, wrap_ddp: bool = True) -> list:
+    use_te = use_transformer_engine(cfg.model)
+    module = build_llama(
+        cfg.model,
+        cfg.parallel,
+        precision=cfg.training.precision,
+        on_cpu=runtime.on_cpu,
+        pre_process=parallel_state.is_pipeline_first_stage(),
+        post_process=parallel_state.is_pipeline_last_stage(),
+        use_te=use_te,
+    ).to(runtime.device)
+    if not wrap_ddp:
+        return [module]
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True,
+        overlap_grad_reduce=False,
+        use_distributed_optimizer=cfg.optimizer.use_distributed_optimizer and not runtime.on_cpu,
+        check_for_nan_in_grad=False,
+    )
+    return [DistributedDataParallel(config=module.config, ddp_config=ddp_config, module=module)]
+
+
+def setup_training(cfg: RunConfig, runtime: Runtime, layout: Layout) -> TrainState:
+    model = build_model_chunks(cfg, runtime)
+    config = model[0].config
+    config.finalize_model_grads_func = finalize_model_grads
+    config.no_sync_func = model[0].no_sync
+    config.grad_sync_func = None
+    optimizer = get_megatron_optimizer(to_mcore_optimizer_config(cfg, runtime.on_cpu), model)
+    return TrainState(model, optimizer, layout, get_forward_backward_func())
+
+
+@dataclass
+class StepResult:
+    loss: float  # mean over the global batch's loss tokens
+    loss_tokens: int
+    grad_norm: Optional[float]
+    skipped: bool
+
+
+def _global_loss(reports: list[dict], device) -> torch.Tensor:
+    """[loss sum, token count] over the global batch, the same on every rank."""
+    totals = torch.zeros(2, dtype=torch.float64, device=device)
+    if parallel_state.is_pipeline_last_stage():
+        for report in reports:
+            totals += report["lm loss"].to(totals)
+        dist.all_reduce(totals, group=parallel_state.get_data_parallel_group(with_context_parallel=True))
+    # The last pipeline stage holds the loss; broadcast it along the pipeline.
+    last = parallel_state.get_pipeline_model_parallel_last_rank()
+    dist.broadcast(totals, src=last, group=parallel_state.get_pipeline_model_parallel_group())
+    return totals
+
+
+def train_step(state: TrainState, microbatches: list[dict], lr: Optional[float] = None) -> StepResult:
+    """Forward and backward over this rank's micro-batches, then one optimizer step."""
+    for chunk in state.model:
+        chunk.zero_grad_buffer()
+    state.optimizer.zero_grad()
+    if lr is not None:
+        for group in state.optimizer.param_groups:
+            group["lr"] = lr
+    row_tokens = int(microbatches[0]["tokens"].shape[1])
+    reports = state.forward_backward(
+        forward_step_func=forward_step,
+        data_iterator=iter(microbatches),
+        model=state.model,
+        num_microbatches=len(microbatches),
+        seq_length=row_tokens,
+        micro_batch_size=1,
+        forward_only=False,
+    )
+    ok, grad_norm, _ = state.optimizer.step()
+    device = next(state.model[0].parameters()).device
+    totals = _global_loss(reports, device)
+    count = int(totals[1].item())
+    return StepResult(
+        loss=float(totals[0].item() / max(count, 1)),
+        loss_tokens=count,
+        grad_norm=None if grad_norm is None else float(grad_norm),
+        skipped=not ok,
+    )
