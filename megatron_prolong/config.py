@@ -296,7 +296,38 @@ def load_config(recipe: Optional[str] = None, overrides: Optional[list[str]] = N
             raise ConfigError(f"{recipe}: the top level must be a mapping of sections")
         where = recipe
     raw = _merge(raw, _nest(overrides or []))
-    return config_from_dict(raw, where)
+    try:
+        return config_from_dict(raw, where)
+    except ConfigError as err:
+        if recipe is None:
+            raise
+        raise ConfigError(_with_line_numbers(str(err), recipe)) from None
+
+
+def _yaml_key_lines(path: str) -> dict[str, int]:
+    """Dotted key -> 1-based line in a YAML file, so errors can point into the recipe."""
+    lines: dict[str, int] = {}
+
+    def walk(node, prefix):
+        if isinstance(node, yaml.MappingNode):
+            for key, value in node.value:
+                dotted = f"{prefix}.{key.value}" if prefix else str(key.value)
+                lines[dotted] = key.start_mark.line + 1
+                walk(value, dotted)
+
+    with open(path) as f:
+        walk(yaml.compose(f), "")
+    return lines
+
+
+def _with_line_numbers(message: str, recipe: str) -> str:
+    lines = _yaml_key_lines(recipe)
+    prefix = f"{recipe}."
+    if message.startswith(prefix):
+        key = message[len(prefix):].split(":", 1)[0].split("(", 1)[0]
+        if key in lines:
+            return f"{recipe}:{lines[key]}: {message[len(prefix):]}"
+    return message
 
 
 def to_dict(cfg: RunConfig) -> dict:

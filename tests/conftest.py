@@ -15,3 +15,14 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def megatron_single_process():
+    """torch.distributed with one CPU process and megatron-core's groups at TP=PP=CP=1."""
+    from megatron_prolong.config import Layout
+    from megatron_prolong.training.parallel import init_distributed, init_model_parallel
+
+    runtime = init_distributed("cpu")
+    init_model_parallel(Layout(1, 1, 1, 1, 1, 1), seed=1234)
+    return runtime

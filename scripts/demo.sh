@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Set-up (first run only), then the tiny end-to-end demo on CPU: builds an offline corpus,
+# tokenizes and packs it with document boundaries, trains a tiny Llama-3 and leaves a checkpoint
+# and TensorBoard logs in runs/demo. Extra arguments are key=value overrides.
+#   bash scripts/demo.sh                                                  # one process
+#   NPROC=4 bash scripts/demo.sh parallel.tensor=2 parallel.pipeline=2    # TP=2 x PP=2 on 4 processes
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+NPROC=${NPROC:-1}
+if [[ $NPROC -gt 1 ]]; then
+  export OMP_NUM_THREADS=1
+  exec python3 -m torch.distributed.run --standalone --nproc-per-node "$NPROC" \
+    -m megatron_prolong.train examples/demo_cpu.yaml "$@"
+fi
+exec python3 -m megatron_prolong.train examples/demo_cpu.yaml "$@"

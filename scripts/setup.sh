@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Installs everything megatron-prolong needs on this machine; safe to run again (a stamp file
+# keyed on the requirements skips the work when nothing changed).
+#
+# Torch: where no NVIDIA GPU is visible, the CPU wheel is installed first (pip would otherwise take
+# a several-GB CUDA build to satisfy megatron-core's `torch` requirement). On a GPU cluster, use
+# the NGC PyTorch container or install torch for your CUDA, then `pip install -e .[gpu]`.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+TORCH_CPU_VERSION=${TORCH_CPU_VERSION:-2.13.0}
+stamp=.setup-done
+key=$(cat setup.py scripts/setup.sh | sha256sum | cut -c1-16)
+if [[ -f $stamp && $(cat $stamp) == "$key" ]] && $PY -c "import megatron_prolong, megatron.core" 2>/dev/null; then
+  exit 0
+fi
+pip_install() { $PY -m pip install --disable-pip-version-check -q "$@"; }
+echo "[setup] installing megatron-prolong and its dependencies (first run only)" >&2
+if ! $PY -c "import torch" 2>/dev/null; then
+  if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+    pip_install torch
+  else
+    pip_install "torch==${TORCH_CPU_VERSION}"
+  fi
+fi
+# mosaicml-streaming (only the tests use its MDS writer) declares torchvision, which would replace
+# the CPU torch with a CUDA build: install it without dependencies, plus what its writer imports.
+pip_install --no-deps "mosaicml-streaming==0.13.0"
+pip_install "xxhash<4" "zstd<2" "python-snappy<1" "Brotli" "catalogue<3" "tqdm" "numpy<2.2"
+pip_install -e ".[dev]"
+echo "$key" > $stamp
+echo "[setup] done" >&2
