@@ -89,6 +89,12 @@ class TrainingConfig:
     seed: int = 1234
     precision: str = "fp32"  # fp32 | bf16
     device: str = "auto"  # auto | cpu | cuda
+    # Output layer + cross-entropy run over chunks of this many tokens (0: full logits).
+    loss_chunk_size: int = 8192
+    # Non-finite losses: the step is skipped; this many in a row stop the run.
+    max_nan_steps: int = 5
+    # Save and exit cleanly after this step (time-limited jobs); None runs to the end.
+    exit_at_step: Optional[int] = None
 
     @property
     def tokens_per_step(self) -> int:
@@ -140,12 +146,16 @@ class CheckpointConfig:
     load: Optional[str] = None  # a checkpoint directory to start from
     load_optimizer: bool = True
     reset_schedule: bool = False  # stage 2: keep weights and optimizer, restart the LR schedule
+    save_dir: Optional[str] = None  # default: <run_dir>/checkpoints
 
 
 @dataclass
 class LoggingConfig:
     log_interval: int = 1
     tensorboard: bool = True
+    tensorboard_dir: Optional[str] = None  # default: <run_dir>/tensorboard
+    # Peak dense bf16 TFLOP/s of one GPU for MFU; None: from the GPU's name (H100/H200/A100).
+    peak_tflops: Optional[float] = None
 
 
 @dataclass
@@ -411,6 +421,17 @@ def validate(cfg: RunConfig, world_size: int) -> Layout:
              f"training.device={t.device!r}: choose auto, cpu or cuda", errors)
     _require(0.0 <= cfg.scheduler.warmup_fraction < 1.0,
              f"scheduler.warmup_fraction={cfg.scheduler.warmup_fraction}: must be in [0, 1)", errors)
+    _require(t.loss_chunk_size >= 0,
+             f"training.loss_chunk_size={t.loss_chunk_size}: must be >= 0 (0 disables chunking)",
+             errors)
+    _require(t.max_nan_steps >= 1,
+             f"training.max_nan_steps={t.max_nan_steps}: must be >= 1", errors)
+    _require(cfg.checkpoint.keep_last >= 1,
+             f"checkpoint.keep_last={cfg.checkpoint.keep_last}: must be >= 1", errors)
+    _require(cfg.checkpoint.save_interval >= 0,
+             f"checkpoint.save_interval={cfg.checkpoint.save_interval}: must be >= 0", errors)
+    _require(cfg.logging.log_interval >= 1,
+             f"logging.log_interval={cfg.logging.log_interval}: must be >= 1", errors)
     _require(0.0 <= cfg.optimizer.min_lr_ratio <= 1.0,
              f"optimizer.min_lr_ratio={cfg.optimizer.min_lr_ratio}: must be in [0, 1]", errors)
 

@@ -128,3 +128,21 @@ def test_sft_preprocess_writes_assistant_mask(tmp_path):
     ref_ids, ref_mask = render_chat(TOK, conv["messages"])
     assert ids.tolist() == ref_ids.tolist() and mask.tolist() == ref_mask.tolist()
     assert TOK.decode(ids[mask == 1].tolist()) == "Hello.<|eot_id|>"
+
+
+def test_cli_main_and_error_exit(tmp_path, capsys):
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools",
+                        "preprocess_data.py")
+    spec = importlib.util.spec_from_file_location("preprocess_data_cli", path)
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    f = write_jsonl(str(tmp_path / "i.jsonl"), [{"t": "hello"}], raw_lines=["{bad"])
+    out = str(tmp_path / "o")
+    assert cli.main(["--input", f, "--output-prefix", out, "--tokenizer", "byte",
+                     "--text-key", "t", "--quiet"]) == 1
+    assert "i.jsonl:2: malformed JSON" in capsys.readouterr().err
+    assert cli.main(["--input", f, "--output-prefix", out, "--tokenizer", "byte",
+                     "--text-key", "t", "--quiet", "--skip-bad-lines", "--add-bos"]) == 0
+    assert DocumentStore(out).tokens(0).tolist() == [256] + list(b"hello") + [257]

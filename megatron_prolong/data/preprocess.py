@@ -115,21 +115,25 @@ def _process_batch(batch: list) -> list:
     return [_process_one(cfg, tok, *item) for item in batch]
 
 
-def _batched(it: Iterator, n: int) -> Iterator[list]:
-    batch = []
+def _batched(it: Iterator, n: int, max_chars: int = 1 << 20) -> Iterator[list]:
+    """Batches of at most n records or ~max_chars characters (long documents: small batches,
+    so the work spreads over the workers and memory in flight stays bounded)."""
+    batch, chars = [], 0
     for x in it:
         batch.append(x)
-        if len(batch) == n:
+        chars += len(x[2]) if isinstance(x[2], str) else 0
+        if len(batch) == n or chars >= max_chars:
             yield batch
-            batch = []
+            batch, chars = [], 0
     if batch:
         yield batch
 
 
-def _ordered_results(cfg: PreprocessConfig, batches: Iterator[list]) -> Iterator[list]:
+def _ordered_results(cfg: PreprocessConfig, tok: Tokenizer, batches: Iterator[list]
+                     ) -> Iterator[list]:
     """Worker results in input order, never more than 2*workers batches in flight."""
-    if cfg.workers <= 1:
-        _init_worker(cfg)
+    if cfg.workers <= 1:  # in-process: reuse the already loaded tokenizer
+        _WORKER["cfg"], _WORKER["tok"] = cfg, tok
         for b in batches:
             yield _process_batch(b)
         return
@@ -212,7 +216,7 @@ def preprocess(cfg: PreprocessConfig) -> dict:
     try:
         with IndexedWriter(cfg.output_prefix, tok.vocab_size, with_mask=cfg.sft) as writer:
             batches = _batched(iter_records(files), cfg.batch_size)
-            for results in _ordered_results(cfg, batches):
+            for results in _ordered_results(cfg, tok, batches):
                 for ids, mask, gkey, skey, reason in results:
                     stats.records_read += 1
                     if reason is not None:

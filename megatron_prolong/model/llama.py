@@ -13,6 +13,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 
 from megatron_prolong.config import ModelConfig, ParallelConfig
 from megatron_prolong.model.attention import DocumentMaskedAttention
+from megatron_prolong.model.loss import DEFAULT_CHUNK_SIZE, ChunkedLossGPTModel
 
 
 def transformer_engine_available() -> bool:
@@ -112,13 +113,20 @@ def build_llama(
     pre_process: bool = True,
     post_process: bool = True,
     use_te: Optional[bool] = None,
+    loss_chunk_size: int = DEFAULT_CHUNK_SIZE,
 ) -> GPTModel:
-    """The model chunk of this pipeline stage (parallel_state must be initialized)."""
+    """The model chunk of this pipeline stage (parallel_state must be initialized).
+
+    With labels the model returns per-token losses computed by the chunked cross-entropy
+    (model/loss.py) in chunks of `loss_chunk_size` tokens; 0 uses megatron's full-logits loss.
+    """
     if use_te is None:
         use_te = use_transformer_engine(model)
     config = to_transformer_config(model, parallel, precision=precision, on_cpu=on_cpu,
                                    use_te=use_te)
-    return GPTModel(
+    model_class = ChunkedLossGPTModel if loss_chunk_size > 0 else GPTModel
+    extra = dict(loss_chunk_size=loss_chunk_size) if loss_chunk_size > 0 else {}
+    return model_class(
         config=config,
         transformer_layer_spec=llama_layer_spec(use_te),
         vocab_size=model.vocab_size,
@@ -129,4 +137,5 @@ def build_llama(
         position_embedding_type="rope",
         rotary_percent=1.0,
         rotary_base=int(model.rotary_base),
+        **extra,
     )

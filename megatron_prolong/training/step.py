@@ -43,13 +43,25 @@ def packed_seq_params(batch: dict, device) -> PackedSeqParams:
     )
 
 
-def masked_token_loss(loss_mask: torch.Tensor, per_token_loss: torch.Tensor):
-    """megatron-core's 3-tuple loss contract: (loss sum, loss-token count, values to report)."""
+def masked_token_loss(loss_mask: torch.Tensor, per_token_loss: torch.Tensor,
+                      domain_ids: Optional[torch.Tensor] = None, num_domains: int = 0):
+    """megatron-core's 3-tuple loss contract: (loss sum, loss-token count, values to report).
+
+    With `domain_ids` (per token, into the data source's domain list) the report also holds
+    [loss sums per domain, token counts per domain] for per-domain loss curves.
+    """
     mask = loss_mask.reshape(-1).float()
-    loss_sum = (per_token_loss.reshape(-1).float() * mask).sum()
+    token_loss = per_token_loss.reshape(-1).float() * mask
+    loss_sum = token_loss.sum()
     count = mask.sum().to(torch.int)
-    report = torch.stack([loss_sum.detach(), mask.sum().detach()])
-    return loss_sum, count, {"lm loss": report}
+    report = {"lm loss": torch.stack([loss_sum.detach(), mask.sum().detach()])}
+    if domain_ids is not None and num_domains:
+        ids = domain_ids.reshape(-1).long()
+        sums = torch.zeros(2, num_domains, dtype=torch.float32, device=mask.device)
+        sums[0].scatter_add_(0, ids, token_loss.detach())
+        sums[1].scatter_add_(0, ids, mask)
+        report["domain loss"] = sums.reshape(-1)
+    return loss_sum, count, report
 
 
 def forward_step(data_iterator: Iterator[dict], model):
@@ -64,7 +76,11 @@ def forward_step(data_iterator: Iterator[dict], model):
         labels=batch["labels"].to(device),
         packed_seq_params=packed_seq_params(batch, device),
     )
-    return output, partial(masked_token_loss, batch["loss_mask"].to(device))
+    domain_ids = batch.get("domain_ids")
+    if domain_ids is not None:
+        domain_ids = domain_ids.to(device)
+    return output, partial(masked_token_loss, batch["loss_mask"].to(device),
+                           domain_ids=domain_ids, num_domains=int(batch.get("num_domains", 0)))
 
 
 def to_mcore_optimizer_config(cfg: RunConfig, on_cpu: bool) -> McoreOptimizerConfig:
@@ -104,6 +120,7 @@ def build_model_chunks(cfg: RunConfig, runtime: Runtime, wrap_ddp: bool = True) 
         pre_process=parallel_state.is_pipeline_first_stage(),
         post_process=parallel_state.is_pipeline_last_stage(),
         use_te=use_te,
+        loss_chunk_size=cfg.training.loss_chunk_size,
     ).to(runtime.device)
     if not wrap_ddp:
         return [module]
@@ -132,14 +149,20 @@ class StepResult:
     loss_tokens: int
     grad_norm: Optional[float]
     skipped: bool
+    # Per data domain (index into the batches' domain list): loss sums and token counts.
+    domain_loss_sums: Optional[list] = None
+    domain_tokens: Optional[list] = None
 
 
-def _global_loss(reports: list[dict], device) -> torch.Tensor:
-    """[loss sum, token count] over the global batch, the same on every rank."""
-    totals = torch.zeros(2, dtype=torch.float64, device=device)
+def _global_loss(reports: list[dict], device, num_domains: int = 0) -> torch.Tensor:
+    """[loss sum, token count, per-domain sums..., per-domain counts...] over the global
+    batch, the same on every rank."""
+    totals = torch.zeros(2 + 2 * num_domains, dtype=torch.float64, device=device)
     if parallel_state.is_pipeline_last_stage():
         for report in reports:
-            totals += report["lm loss"].to(totals)
+            totals[:2] += report["lm loss"].to(totals)
+            if num_domains:
+                totals[2:] += report["domain loss"].to(totals)
         dist.all_reduce(totals, group=parallel_state.get_data_parallel_group(with_context_parallel=True))
     # The last pipeline stage holds the loss; broadcast it along the pipeline.
     last = parallel_state.get_pipeline_model_parallel_last_rank()
@@ -148,7 +171,11 @@ def _global_loss(reports: list[dict], device) -> torch.Tensor:
 
 
 def train_step(state: TrainState, microbatches: list[dict], lr: Optional[float] = None) -> StepResult:
-    """Forward and backward over this rank's micro-batches, then one optimizer step."""
+    """Forward and backward over this rank's micro-batches, then one optimizer step.
+
+    A non-finite global loss skips the optimizer step (every rank sees the same loss, so all
+    skip together) and returns skipped=True; the caller counts and stops on a streak.
+    """
     for chunk in state.model:
         chunk.zero_grad_buffer()
     state.optimizer.zero_grad()
@@ -165,13 +192,21 @@ def train_step(state: TrainState, microbatches: list[dict], lr: Optional[float] 
         micro_batch_size=1,
         forward_only=False,
     )
-    ok, grad_norm, _ = state.optimizer.step()
     device = next(state.model[0].parameters()).device
-    totals = _global_loss(reports, device)
+    num_domains = int(microbatches[0].get("num_domains", 0))
+    totals = _global_loss(reports, device, num_domains)
     count = int(totals[1].item())
+    loss = float(totals[0].item() / max(count, 1))
+    if torch.isfinite(totals[0]):
+        ok, grad_norm, _ = state.optimizer.step()
+    else:
+        ok, grad_norm = False, None
+    domains = totals[2:].view(2, num_domains).tolist() if num_domains else (None, None)
     return StepResult(
-        loss=float(totals[0].item() / max(count, 1)),
+        loss=loss,
         loss_tokens=count,
         grad_norm=None if grad_norm is None else float(grad_norm),
         skipped=not ok,
+        domain_loss_sums=domains[0],
+        domain_tokens=domains[1],
     )
