@@ -23,10 +23,10 @@ def import_streaming():
     """Import mosaicml-streaming without torchvision: its vision subpackage imports
     torchvision, which this CPU environment must not install (it pulls CUDA torch). The project's
     own MDS reader never imports streaming; only the tests use its writer."""
-    sys.modules.setdefault("streaming.vision", types.ModuleType("streaming.vision"))
-    import streaming
+    import pytest
 
-    return streaming
+    sys.modules.setdefault("streaming.vision", types.ModuleType("streaming.vision"))
+    return pytest.importorskip("streaming", reason="mosaicml-streaming not installed")
 
 
 def write_docs(prefix, docs, vocab_size=512, masks=None):
