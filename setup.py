@@ -19,6 +19,7 @@ setup(
         "safetensors",
         "sentencepiece",
         "tiktoken",
+        "tokenizers",
         "nltk",
         "tensorboard",
         "psutil",
