@@ -11,6 +11,10 @@ Kernels, picked once per call by what the tensors live on:
 - CUDA: flash-attn's varlen function when installed, else PyTorch's varlen attention, else
   scaled-dot-product attention per document. No dense [t, t] mask is ever built.
 - CPU: scaled-dot-product attention per document (exact; no [t, t] mask either).
+
+Context parallelism (cp > 1): Ulysses. Each CP rank holds megatron's load-balanced slice of the
+row; an all-to-all trades heads for sequence, the kernel above runs over the whole row for
+h/cp heads, and a second all-to-all returns the output (see model/context_parallel.py).
 """
 from __future__ import annotations
 
@@ -21,8 +25,11 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
+from megatron.core import parallel_state
 from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.transformer.module import MegatronModule
+
+from megatron_prolong.model.context_parallel import ulysses_attention
 
 try:  # GPU clusters only
     from flash_attn import flash_attn_varlen_func  # type: ignore
@@ -116,6 +123,12 @@ class DocumentMaskedAttention(MegatronModule):
         self.layer_number = layer_number
         self.pg_collection = pg_collection
 
+    def _cp_group(self):
+        group = getattr(self.pg_collection, "cp", None) if self.pg_collection is not None else None
+        if group is None:
+            group = parallel_state.get_context_parallel_group(check_initialized=False)
+        return group if group is not None and group.size() > 1 else None
+
     def forward(
         self,
         query: torch.Tensor,
@@ -128,7 +141,11 @@ class DocumentMaskedAttention(MegatronModule):
     ) -> torch.Tensor:
         if attention_bias is not None:
             raise ValueError("DocumentMaskedAttention does not take an attention bias")
+        cp_group = self._cp_group()
         if packed_seq_params is None:
+            if cp_group is not None:
+                raise ValueError("context parallelism on the local attention path needs packed "
+                                 "(THD) batches with cu_seqlens; pass packed_seq_params")
             # [s, b, n, d]: one causal sequence per batch row.
             s, b, n, d = query.shape
             q, k, v = (x.permute(1, 2, 0, 3) for x in (query, key, value))
@@ -144,7 +161,11 @@ class DocumentMaskedAttention(MegatronModule):
         cu = packed_seq_params.cu_seqlens_q_padded
         if cu is None:
             cu = packed_seq_params.cu_seqlens_q
-        out = varlen_causal_attention(
-            query, key, value, cu, packed_seq_params.max_seqlen_q, self.softmax_scale
-        )
+        attend = functools.partial(varlen_causal_attention, cu_seqlens=cu,
+                                   max_seqlen=packed_seq_params.max_seqlen_q,
+                                   scale=self.softmax_scale)
+        if cp_group is None:
+            out = attend(query, key, value)
+        else:
+            out = ulysses_attention(query, key, value, cu, cp_group, attend)
         return out.reshape(out.shape[0], -1)

@@ -13,6 +13,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 
 from megatron_prolong.config import ModelConfig, ParallelConfig
 from megatron_prolong.model.attention import DocumentMaskedAttention
+from megatron_prolong.model.context_parallel import te_context_parallel_kwargs
 from megatron_prolong.model.loss import DEFAULT_CHUNK_SIZE, ChunkedLossGPTModel
 
 
@@ -72,7 +73,6 @@ def to_transformer_config(
         pipeline_model_parallel_size=parallel.pipeline,
         context_parallel_size=parallel.context,
         sequence_parallel=parallel.sequence_parallel,
-        cp_comm_type=parallel.cp_comm_type if use_te else None,
         params_dtype=torch.bfloat16 if bf16 else torch.float32,
         pipeline_dtype=torch.bfloat16 if bf16 else torch.float32,
         bf16=bf16,
@@ -87,6 +87,8 @@ def to_transformer_config(
         apply_rope_fusion=False,
         use_cpu_initialization=on_cpu,
         **recompute,
+        # TE's own CP (cp_comm_type, a2a+p2p groups); the local path does Ulysses itself.
+        **(te_context_parallel_kwargs(parallel.context, parallel.cp_comm_type) if use_te else {}),
     )
 
 

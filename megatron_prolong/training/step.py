@@ -22,6 +22,7 @@ from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_prolong.config import Layout, RunConfig
+from megatron_prolong.model.context_parallel import batch_for_this_cp_rank, pad_microbatches
 from megatron_prolong.model.llama import build_llama, use_transformer_engine
 from megatron_prolong.training.parallel import Runtime
 
@@ -65,10 +66,11 @@ def masked_token_loss(loss_mask: torch.Tensor, per_token_loss: torch.Tensor,
 
 
 def forward_step(data_iterator: Iterator[dict], model):
-    batch = next(data_iterator)
+    # Context parallelism: this CP rank's load-balanced share; cu_seqlens stay global.
+    batch = batch_for_this_cp_rank(next(data_iterator), model.config)
     device = next(model.parameters()).device
     tokens = batch["tokens"].to(device)
-    position_ids = torch.arange(tokens.shape[1], device=device).unsqueeze(0)
+    position_ids = batch["position_ids"].to(device)
     output = model(
         tokens,
         position_ids,
@@ -182,6 +184,7 @@ def train_step(state: TrainState, microbatches: list[dict], lr: Optional[float] 
     if lr is not None:
         for group in state.optimizer.param_groups:
             group["lr"] = lr
+    microbatches = pad_microbatches(microbatches, state.model[0].config)  # CP document padding
     row_tokens = int(microbatches[0]["tokens"].shape[1])
     reports = state.forward_backward(
         forward_step_func=forward_step,
