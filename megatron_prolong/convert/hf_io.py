@@ -217,6 +217,11 @@ class SafetensorsStreamWriter:
         self._file.write(memoryview(data.numpy()))
         self._next += 1
 
+    def abort(self) -> None:
+        """Close and delete a file that will not be completed."""
+        self._file.close()
+        os.remove(self.path)
+
     def close(self) -> None:
         self._file.close()
         if self._next != len(self.plan):
@@ -236,8 +241,10 @@ def write_sharded(directory: str, shards: list[list[PlannedTensor]],
         try:
             for _ in plan:
                 writer.write(*next(stream))
-        finally:
-            writer.close()
+        except BaseException:
+            writer.abort()
+            raise
+        writer.close()
         for t in plan:
             weight_map[t.name] = name
             total += t.nbytes

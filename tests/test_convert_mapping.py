@@ -1,0 +1,257 @@
+"""The Llama mapping table, config mapping, HF file I/O and the converter's refusals (one process,
+no megatron model needed except for the local-spec name check)."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import pytest
+import torch
+
+from megatron_prolong.config import ModelConfig
+from megatron_prolong.convert import ConversionError
+from megatron_prolong.convert import llama_mapping as lm
+from megatron_prolong.convert.hf_config import hf_config_from_model, model_config_from_hf
+from megatron_prolong.convert.hf_io import (HFCheckpoint, PlannedTensor, parse_size, plan_shards,
+                                            read_safetensors_header, write_sharded)
+from megatron_prolong.convert.hf_to_mcore import hf_to_mcore
+
+MODEL = ModelConfig(num_layers=2, hidden_size=64, ffn_hidden_size=160, num_attention_heads=8,
+                    num_query_groups=2, vocab_size=256, rotary_base=8e6)
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory):
+    from test_convert_parity import tiny_hf_model
+
+    directory = str(tmp_path_factory.mktemp("hf"))
+    tiny_hf_model(directory)
+    return directory
+
+
+def copy_dir(src, tmp_path, name="copy"):
+    dst = str(tmp_path / name)
+    shutil.copytree(src, dst)
+    return dst
+
+
+# --------------------------------------------------------------------------------------------- table
+def test_qkv_is_interleaved_per_query_group_and_inverts():
+    d, h = MODEL.kv_channels, MODEL.hidden_size
+    q = torch.arange(8 * d).repeat_interleave(h).reshape(8 * d, h).float()  # row r holds r
+    k, v = q[: 2 * d] + 1000, q[: 2 * d] + 2000
+    rule = next(r for r in lm.LLAMA_RULES if r.kind is lm.Kind.QKV)
+    qkv = lm.to_mcore(rule, [q, k, v], MODEL)
+    rows = qkv[:, 0]
+    per_group = 4 * d + 2 * d
+    # group 1 = query heads 4..7, then its key head, then its value head
+    assert torch.equal(rows[per_group:per_group + 4 * d], torch.arange(4 * d, 8 * d).float())
+    assert torch.equal(rows[per_group + 4 * d:per_group + 5 * d], torch.arange(d, 2 * d).float() + 1000)
+    assert torch.equal(rows[per_group + 5 * d:2 * per_group], torch.arange(d, 2 * d).float() + 2000)
+    back = lm.to_hf(rule, qkv, MODEL)
+    assert all(torch.equal(a, b) for a, b in zip(back, [q, k, v]))
+    assert all(t.is_contiguous() for t in back)
+
+
+def test_fc1_is_gate_then_up():
+    rule = next(r for r in lm.LLAMA_RULES if r.kind is lm.Kind.GATE_UP)
+    gate, up = torch.randn(160, 64), torch.randn(160, 64)
+    fc1 = lm.to_mcore(rule, [gate, up], MODEL)
+    assert torch.equal(fc1[:160], gate) and torch.equal(fc1[160:], up)
+    assert lm.mcore_shape(rule, MODEL) == (320, 64)
+
+
+def test_table_covers_every_hf_llama_tensor_with_its_shape():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    hf = LlamaForCausalLM(LlamaConfig(**hf_config_from_model(MODEL, torch.float32)))
+    want = {k: tuple(v.shape) for k, v in hf.state_dict().items()}
+    got = {}
+    for unit in lm.units(MODEL):
+        got.update(zip(unit.hf_names(), lm.hf_shapes(unit.rule, MODEL)))
+    assert got == want
+    assert list(got)[0] == "model.embed_tokens.weight" and list(got)[-1] == "lm_head.weight"
+
+
+def test_te_names_are_the_checkpoint_keys_and_local_names_rename_the_norms():
+    unit = lm.Unit(next(r for r in lm.LLAMA_RULES if r.hf == ("input_layernorm.weight",)), 3)
+    assert unit.module_name("te") == "decoder.layers.3.self_attention.linear_qkv.layer_norm_weight"
+    assert unit.module_name("local") == "decoder.layers.3.input_layernorm.weight"
+    assert unit.checkpoint_key == "decoder.layers.self_attention.linear_qkv.layer_norm_weight"
+    fc1_norm = lm.Unit(next(r for r in lm.LLAMA_RULES if r.hf == ("post_attention_layernorm.weight",)), 0)
+    assert fc1_norm.module_name("local") == "decoder.layers.0.pre_mlp_layernorm.weight"
+    te_names = {u.module_name("te") for u in lm.units(MODEL)}
+    assert "decoder.layers.1.mlp.linear_fc1.layer_norm_weight" in te_names
+    assert not any("input_layernorm" in n or "pre_mlp_layernorm" in n for n in te_names)
+    with pytest.raises(ConversionError, match="unknown layer spec"):
+        unit.module_name("apex")
+
+
+@pytest.mark.slow
+def test_local_model_names_and_checkpoint_keys_match_the_table():
+    """Against a real local-spec GPTModel: parameter names and dist-checkpoint keys/shapes."""
+    from distributed import run_distributed
+
+    (names, keys), = run_distributed(_local_model_names, 1, MODEL)
+    assert names == {u.module_name("local") for u in lm.units(MODEL)}
+    assert keys == {lm.Unit(r, 0).checkpoint_key: lm.checkpoint_shape(r, MODEL) for r in lm.LLAMA_RULES}
+
+
+def _local_model_names(model):
+    from megatron_prolong.convert.mcore_io import single_process_model_parallel
+    from megatron_prolong.model.llama import build_llama
+    from megatron_prolong.config import ParallelConfig
+
+    single_process_model_parallel()
+    gpt = build_llama(model, ParallelConfig(), on_cpu=True, use_te=False)
+    names = {k for k in gpt.state_dict() if not k.endswith("_extra_state")}
+    keys = {}
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
+
+    for v in gpt.sharded_state_dict().values():
+        if isinstance(v, ShardedTensor):
+            keys[v.key] = tuple(v.global_shape)
+        elif isinstance(v, ShardedTensorFactory):
+            keys[v.key] = (model.num_layers, *v.data.shape)
+    return names, keys
+
+
+# --------------------------------------------------------------------------------------------- config
+def test_config_round_trip_and_overrides():
+    hf = hf_config_from_model(MODEL, torch.bfloat16, template={"bos_token_id": 128000, "dtype": "x"})
+    assert hf["rope_theta"] == 8e6 and hf["torch_dtype"] == "bfloat16" and hf["bos_token_id"] == 128000
+    assert "dtype" not in hf and hf["tie_word_embeddings"] is False
+    assert model_config_from_hf(hf) == MODEL
+    m = model_config_from_hf(hf, rope_theta=1.28e8, max_position_embeddings=524288)
+    assert m.rotary_base == 1.28e8 and m.max_position_embeddings == 524288
+
+
+@pytest.mark.parametrize("patch, needle", [
+    ({"attention_bias": True}, "attention_bias=true"),
+    ({"mlp_bias": True}, "mlp_bias=true"),
+    ({"tie_word_embeddings": True}, "tie_word_embeddings=true"),
+    ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "RoPE scaling is not supported"),
+    ({"sliding_window": 4096}, "sliding-window"),
+    ({"model_type": "mistral"}, "only 'llama'"),
+    ({"hidden_act": "gelu"}, "hidden_act='gelu'"),
+    ({"head_dim": 16}, "head_dim=16"),
+])
+def test_config_refusals(patch, needle):
+    hf = {**hf_config_from_model(MODEL, torch.float32), **patch}
+    with pytest.raises(ConversionError, match="cannot convert") as err:
+        model_config_from_hf(hf)
+    assert needle in str(err.value)
+
+
+# --------------------------------------------------------------------------------------------- files
+def test_streamed_safetensors_shards_read_back(tmp_path):
+    from safetensors.torch import load_file
+
+    tensors = {"a": torch.randn(3, 5).bfloat16(), "b": torch.randn(7), "c": torch.randn(2, 2).half()}
+    groups = [[PlannedTensor(n, t.dtype, tuple(t.shape))] for n, t in tensors.items()]
+    shards = plan_shards(groups, max_bytes=40)
+    assert [[t.name for t in s] for s in shards] == [["a"], ["b", "c"]]  # 30 B | 28 + 8 B
+    write_sharded(str(tmp_path), shards, tensors.items())
+    index = json.load(open(tmp_path / "model.safetensors.index.json"))
+    assert index["weight_map"] == {"a": "model-00001-of-00002.safetensors",
+                                   "b": "model-00002-of-00002.safetensors",
+                                   "c": "model-00002-of-00002.safetensors"}
+    assert index["metadata"]["total_size"] == 30 + 28 + 8
+    for name, file in index["weight_map"].items():
+        assert torch.equal(load_file(str(tmp_path / file))[name], tensors[name])
+    assert parse_size("5GB") == 5 * 10**9 and parse_size("2MiB") == 2 * 2**20
+    with pytest.raises(ConversionError, match="shard size"):
+        parse_size("lots")
+
+
+def test_stream_writer_refuses_out_of_plan_tensors(tmp_path):
+    shards = [[PlannedTensor("a", torch.float32, (2,))]]
+    with pytest.raises(ConversionError, match="expected a"):
+        write_sharded(str(tmp_path), shards, [("a", torch.zeros(3))])
+    assert os.listdir(tmp_path) == []  # neither the half-written shard nor an index
+
+
+def _shard_of(directory, name):
+    return json.load(open(os.path.join(directory, "model.safetensors.index.json")))["weight_map"][name]
+
+
+def test_truncated_shard_is_refused(hf_dir, tmp_path):
+    d = copy_dir(hf_dir, tmp_path)
+    path = os.path.join(d, _shard_of(d, "lm_head.weight"))
+    size = os.path.getsize(path)
+    with open(path, "r+b") as f:
+        f.truncate(size - 100)
+    with pytest.raises(ConversionError, match="truncated"):
+        read_safetensors_header(path)
+    with pytest.raises(ConversionError, match="download the shard again"):
+        hf_to_mcore(d, str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_shard_is_refused(hf_dir, tmp_path):
+    d = copy_dir(hf_dir, tmp_path)
+    os.remove(os.path.join(d, _shard_of(d, "model.norm.weight")))
+    with pytest.raises(ConversionError, match="shards missing"):
+        HFCheckpoint(d)
+
+
+def _rewrite(directory, name, fn):
+    from safetensors.torch import load_file, save_file
+
+    file = os.path.join(directory, _shard_of(directory, name))
+    tensors = load_file(file)
+    fn(tensors)
+    save_file(tensors, file, metadata={"format": "pt"})
+    index_path = os.path.join(directory, "model.safetensors.index.json")
+    index = json.load(open(index_path))
+    for n in tensors:
+        index["weight_map"][n] = os.path.basename(file)
+    json.dump(index, open(index_path, "w"))
+
+
+@pytest.mark.parametrize("case, needle", [
+    ("bias", "model.layers.0.self_attn.q_proj.bias: biases are not supported"),
+    ("shape", "model.norm.weight: shape [63], config.json implies [64]"),
+    ("dtype", "mixed dtypes"),
+    ("missing", "missing tensors ['model.layers.1.mlp.up_proj.weight']"),
+])
+def test_tensor_refusals(hf_dir, tmp_path, case, needle):
+    d = copy_dir(hf_dir, tmp_path)
+    if case == "bias":
+        _rewrite(d, "model.layers.0.self_attn.q_proj.weight",
+                 lambda t: t.__setitem__("model.layers.0.self_attn.q_proj.bias", torch.zeros(64)))
+    elif case == "shape":
+        _rewrite(d, "model.norm.weight", lambda t: t.__setitem__("model.norm.weight", torch.ones(63)))
+    elif case == "dtype":
+        name = "model.layers.0.mlp.down_proj.weight"
+        _rewrite(d, name, lambda t: t.__setitem__(name, t[name].bfloat16()))
+    else:
+        name = "model.layers.1.mlp.up_proj.weight"
+        file = os.path.join(d, _shard_of(d, name))
+        _rewrite(d, name, lambda t: t.pop(name))
+        index_path = os.path.join(d, "model.safetensors.index.json")
+        index = json.load(open(index_path))
+        index["weight_map"].pop(name)
+        json.dump(index, open(index_path, "w"))
+        assert os.path.exists(file)
+    with pytest.raises(ConversionError) as err:
+        hf_to_mcore(d, str(tmp_path / "out"))
+    assert needle in str(err.value)
+
+
+def test_target_layout_refused_and_cli_exits_nonzero(hf_dir, tmp_path, capsys):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("convert_cli", os.path.join(
+        os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools", "convert.py"))
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    rc = cli.main(["hf-to-mcore", "--hf-dir", hf_dir, "--out", str(tmp_path / "o"), "--target-tp", "4"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "error: target layout TP=4" in err and "num_query_groups=2" in err
+    rc = cli.main(["mcore-to-hf", "--checkpoint", hf_dir, "--out", str(tmp_path / "o2")])
+    assert rc == 2 and "not a megatron-core distributed checkpoint" in capsys.readouterr().err
+    help_text = cli.build_parser()._subparsers._group_actions[0].choices["mcore-to-hf"].format_help()
+    for option in ("--checkpoint", "--model-config", "--rope-theta", "--tokenizer-dir", "--max-shard-size"):
+        assert option in help_text
