@@ -366,6 +366,14 @@ class Layout:
     cp: int
     dp: int
     num_microbatches: int
+    # TE's a2a+p2p context parallelism: [all-to-all size, ring size] (parallel_state needs it)
+    cp_hierarchy: Optional[list[int]] = None
+
+
+def hierarchical_cp_sizes(cp: int, gpus_per_node: int = 8) -> list[int]:
+    """a2a+p2p: all-to-all inside a node (NVLink), ring across nodes."""
+    inner = math.gcd(cp, gpus_per_node)
+    return [inner, cp // inner]
 
 
 def _require(ok: bool, message: str, errors: list[str]) -> None:
@@ -398,9 +406,16 @@ def validate(cfg: RunConfig, world_size: int) -> Layout:
              "(the vocabulary is split across tensor-parallel ranks)", errors)
     _require(m.num_layers % pp == 0,
              f"parallel.pipeline={pp}: must divide model.num_layers={m.num_layers}", errors)
-    _require((m.num_attention_heads // max(tp, 1)) % cp == 0 or m.attention_backend == "te",
+    # All-to-all CP splits heads: the local path (Ulysses) always, TE with a2a / a2a+p2p
+    # (the latter across its intra-node level). TE's p2p and allgather split only the sequence.
+    a2a = cp
+    if m.attention_backend == "te":
+        a2a = {"a2a": cp, "a2a+p2p": hierarchical_cp_sizes(cp)[0]}.get(p.cp_comm_type, 1)
+    _require((m.num_attention_heads // max(tp, 1)) % a2a == 0,
              f"parallel.context={cp}: must divide the attention heads per tensor-parallel rank "
-             f"({m.num_attention_heads}/{tp}) for Ulysses context parallelism", errors)
+             f"({m.num_attention_heads}/{tp}) for all-to-all (Ulysses) context parallelism; "
+             "use fewer context ranks, or model.attention_backend=te with "
+             "parallel.cp_comm_type=p2p", errors)
     _require(not p.sequence_parallel or tp > 1,
              "parallel.sequence_parallel=true: needs parallel.tensor > 1", errors)
     split = (2 * cp if cp > 1 else 1) * (tp if p.sequence_parallel else 1)
@@ -450,4 +465,5 @@ def validate(cfg: RunConfig, world_size: int) -> Layout:
         num_microbatches = t.global_batch_size // per_step
     if errors:
         raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(errors))
-    return Layout(world_size, tp, pp, cp, dp, num_microbatches)
+    hierarchy = hierarchical_cp_sizes(cp) if cp > 1 and p.cp_comm_type == "a2a+p2p" else None
+    return Layout(world_size, tp, pp, cp, dp, num_microbatches, hierarchy)

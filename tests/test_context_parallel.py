@@ -7,6 +7,7 @@ from megatron.core.models.common.embeddings.rope_utils import _get_thd_freqs_on_
 from megatron_prolong.config import ConfigError, load_config, validate
 from megatron_prolong.model.context_parallel import (
     check_cp_layout,
+    cp_comm_bytes_per_layer,
     cp_gather_order,
     cp_pad_multiple,
     cp_partition_indices,
@@ -166,3 +167,29 @@ def test_bad_cp_layouts_fail_early(overrides, world, needle):
     cfg = load_config(None, ["model.preset=tiny", "training.global_batch_size=16"] + overrides)
     with pytest.raises(ConfigError, match=needle):
         validate(cfg, world)
+
+
+def test_heads_rule_follows_the_comm_type():
+    base = ["model.preset=tiny", "training.global_batch_size=16", "parallel.context=16"]
+    # TE's ring and all-gather split only the sequence: 16 ranks over 8 heads are fine there
+    layout = validate(load_config(None, base + ["model.attention_backend=te",
+                                                "parallel.cp_comm_type=p2p"]), 16)
+    assert layout.cp == 16 and layout.cp_hierarchy is None
+    with pytest.raises(ConfigError, match="parallel.context=16: must divide the attention heads"):
+        validate(load_config(None, base + ["model.attention_backend=te",
+                                           "parallel.cp_comm_type=a2a"]), 16)
+    # a2a+p2p: all-to-all over the 8 GPUs of a node, ring across 2 nodes
+    layout = validate(load_config(None, base + ["model.attention_backend=te",
+                                                "parallel.cp_comm_type=a2a+p2p"]), 16)
+    assert layout.cp_hierarchy == [8, 2]
+
+
+def test_planner_volumes_for_512k_on_a_node():
+    """The figures quoted in docs/context_parallel.md (Llama-3-8B, bf16, cp=8)."""
+    volume = {c: cp_comm_bytes_per_layer(524288, 8, heads=32, groups=8, head_dim=128,
+                                         comm_type=c) for c in ("a2a", "p2p", "allgather")}
+    assert volume == {"a2a": 2_348_810_240, "p2p": 5_637_144_576, "allgather": 3_758_096_384}
+    # Ulysses per-GPU volume falls as cp grows; the ring's does not
+    assert cp_comm_bytes_per_layer(524288, 4, 32, 8, 128, "a2a") > volume["a2a"]
+    assert cp_comm_bytes_per_layer(524288, 4, 32, 8, 128, "p2p") < volume["p2p"]
+    assert cp_comm_bytes_per_layer(524288, 1, 32, 8, 128, "a2a") == 0

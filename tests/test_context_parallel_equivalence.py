@@ -12,12 +12,12 @@ import torch.distributed as dist
 
 from distributed import run_distributed
 
-LAYOUTS = [  # (tp, cp, pp, sequence_parallel); the first is the reference
-    (1, 1, 1, False),
-    (1, 2, 1, False),
-    (1, 4, 1, False),
-    (2, 2, 1, False),
-    (1, 2, 2, False),
+LAYOUTS = [  # override sets; the first is the reference
+    (),
+    ("parallel.context=2",),
+    ("parallel.context=4",),
+    ("parallel.tensor=2", "parallel.context=2"),
+    ("parallel.pipeline=2", "parallel.context=2"),
 ]  # sequence parallelism needs TE/apex norms (megatron's torch norm refuses it): gpu tests
 OVERRIDES = ["model.preset=tiny", "training.seq_length=128", "training.global_batch_size=4",
              "optimizer.lr=3e-3", "optimizer.clip_grad=0", "training.precision=fp32",
@@ -98,7 +98,9 @@ def _full_grads(chunk, layout, num_layers: int) -> dict:
     return grads
 
 
-def train_under_layouts(layouts, overrides, weights_dir):
+def train_under_layouts(layouts, overrides, weights_dir, device="cpu", check_ulysses=True):
+    """On every rank: train two steps from the same weights under each layout (a tuple of
+    key=value overrides); return {layout: losses, loss tokens, full gradients of step 1}."""
     from megatron.core import parallel_state as ps
 
     from megatron_prolong.config import load_config, validate
@@ -107,12 +109,10 @@ def train_under_layouts(layouts, overrides, weights_dir):
     from megatron_prolong.training.step import setup_training, train_step
     from megatron_prolong.training.weights import load_model_weights, save_model_weights
 
-    rt = init_distributed("cpu")
-    results = {"ulysses": ulysses_matches_full_attention()}
-    for i, (tp, cp, pp, sp) in enumerate(layouts):
-        cfg = load_config(None, overrides + [
-            f"parallel.tensor={tp}", f"parallel.context={cp}", f"parallel.pipeline={pp}",
-            f"parallel.sequence_parallel={sp}"])
+    rt = init_distributed(device)
+    results = {"ulysses": ulysses_matches_full_attention() if check_ulysses else {}}
+    for i, layout_overrides in enumerate(layouts):
+        cfg = load_config(None, list(overrides) + list(layout_overrides))
         layout = validate(cfg, rt.world_size)
         init_model_parallel(layout, cfg.training.seed)
         state = setup_training(cfg, rt, layout)
@@ -125,12 +125,35 @@ def train_under_layouts(layouts, overrides, weights_dir):
         dp_rank = ps.get_data_parallel_rank()
         mine = rows[dp_rank * per:(dp_rank + 1) * per]
         first = train_step(state, mine)
-        grads = _full_grads(state.model[0], layout, cfg.model.num_layers)
+        grads = {k: v.float().cpu() for k, v in
+                 _full_grads(state.model[0], layout, cfg.model.num_layers).items()}
         second = train_step(state, mine)
-        results[(tp, cp, pp, sp)] = dict(losses=[first.loss, second.loss],
+        results[layout_overrides] = dict(losses=[first.loss, second.loss],
                                          tokens=first.loss_tokens, grads=grads)
         destroy_model_parallel()
     return results
+
+
+def compare_layouts(per_rank, layouts, loss_rtol, grad_rtol):
+    """Every layout's losses, loss-token counts and gradients against the first layout's."""
+    reference = per_rank[0][layouts[0]]
+    assert all(torch.isfinite(torch.tensor(reference["losses"])))
+    assert reference["losses"][1] < reference["losses"][0]
+    want_grads = {}
+    for result in per_rank:  # pipeline stages hold different parameters
+        want_grads.update(result[layouts[0]]["grads"])
+    for layout in layouts[1:]:
+        got_grads = {}
+        for rank, result in enumerate(per_rank):
+            got = result[layout]
+            assert got["tokens"] == reference["tokens"], layout
+            for step, (a, b) in enumerate(zip(got["losses"], reference["losses"])):
+                assert abs(a - b) / abs(b) <= loss_rtol, (layout, rank, step, a, b)
+            got_grads.update(got["grads"])
+        assert got_grads.keys() == want_grads.keys(), layout
+        for name, want in want_grads.items():
+            rel = float((got_grads[name] - want).abs().max() / want.abs().max())
+            assert rel <= grad_rtol, (layout, name, rel)
 
 
 @pytest.mark.slow
@@ -139,22 +162,4 @@ def test_context_parallel_equals_no_parallelism(tmp_path):
     for rank, result in enumerate(per_rank):
         for shape, err in result["ulysses"].items():
             assert err < 1e-5, (rank, shape, err)
-
-    reference = per_rank[0][LAYOUTS[0]]
-    assert all(torch.isfinite(torch.tensor(reference["losses"])))
-    assert reference["losses"][1] < reference["losses"][0]
-    want_grads = {}
-    for result in per_rank:  # pipeline stages hold different parameters
-        want_grads.update(result[LAYOUTS[0]]["grads"])
-    for layout in LAYOUTS[1:]:
-        got_grads = {}
-        for rank, result in enumerate(per_rank):
-            got = result[layout]
-            assert got["tokens"] == reference["tokens"], layout
-            for step, (a, b) in enumerate(zip(got["losses"], reference["losses"])):
-                assert abs(a - b) / abs(b) <= 1e-5, (layout, rank, step, a, b)
-            got_grads.update(got["grads"])
-        assert got_grads.keys() == want_grads.keys(), layout
-        for name, want in want_grads.items():
-            rel = float((got_grads[name] - want).abs().max() / want.abs().max())
-            assert rel <= 1e-5, (layout, name, rel)
+    compare_layouts(per_rank, LAYOUTS, loss_rtol=1e-5, grad_rtol=1e-5)

@@ -21,6 +21,8 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
+from megatron_prolong.config import hierarchical_cp_sizes
+
 TE_COMM_TYPES = {"p2p": "p2p", "a2a": "a2a", "allgather": "all_gather", "a2a+p2p": "a2a+p2p"}
 
 
@@ -234,12 +236,6 @@ def ulysses_attention(
 # ---------------------------------------------------------------------------------------------
 # Transformer Engine path settings
 # ---------------------------------------------------------------------------------------------
-def hierarchical_cp_sizes(cp: int, gpus_per_node: int = 8) -> list[int]:
-    """a2a+p2p: all-to-all inside a node (NVLink), ring across nodes."""
-    inner = math.gcd(cp, gpus_per_node)
-    return [inner, cp // inner]
-
-
 def te_context_parallel_kwargs(cp: int, cp_comm_type: str) -> dict:
     """TransformerConfig fields for TE's context parallelism (empty without CP).
 

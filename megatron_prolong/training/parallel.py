@@ -72,6 +72,7 @@ def init_model_parallel(layout: Layout, seed: int) -> None:
         tensor_model_parallel_size=layout.tp,
         pipeline_model_parallel_size=layout.pp,
         context_parallel_size=layout.cp,
+        hierarchical_context_parallel_sizes=layout.cp_hierarchy,  # TE a2a+p2p only
     )
     torch.manual_seed(seed)
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
