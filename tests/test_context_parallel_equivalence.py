@@ -19,9 +19,11 @@ LAYOUTS = [  # override sets; the first is the reference
     ("parallel.tensor=2", "parallel.context=2"),
     ("parallel.pipeline=2", "parallel.context=2"),
 ]  # sequence parallelism needs TE/apex norms (megatron's torch norm refuses it): gpu tests
-OVERRIDES = ["model.preset=tiny", "training.seq_length=128", "training.global_batch_size=4",
-             "optimizer.lr=3e-3", "optimizer.clip_grad=0", "training.precision=fp32",
-             "training.loss_chunk_size=48"]
+# 2 KV groups: cp=4 and tp=2 x cp=2 replicate KV heads inside the model (x2 each; cp=2
+# does not); the raw Ulysses check covers more head/group shapes.
+OVERRIDES = ["model.preset=tiny", "model.num_query_groups=2", "training.seq_length=128",
+             "training.global_batch_size=4", "optimizer.lr=3e-3", "optimizer.clip_grad=0",
+             "training.precision=fp32", "training.loss_chunk_size=48"]
 
 
 def cp_rows(seq_length: int, vocab: int) -> list[dict]:

@@ -46,9 +46,10 @@ def pad_documents(batch: dict, multiple: int) -> dict:
     """Pad every document of a packed row at its end to a multiple of `multiple`.
 
     Returns the batch unchanged when its layout already satisfies the rule. Pad positions of
-    every per-token tensor get 0 (token 0, label 0, loss_mask 0); they sit after each document's last token, so causal
-    attention never lets a real token see them. `cu_seqlens` keeps the true lengths,
-    `cu_seqlens_padded` the padded ones (megatron-core's PackedSeqParams convention).
+    every per-token tensor get 0 (token 0, label 0, loss_mask 0); they sit after each
+    document's last token, so causal attention never lets a real token see them.
+    `cu_seqlens` keeps the true lengths, `cu_seqlens_padded` the padded ones (megatron-core's
+    PackedSeqParams convention).
     """
     cu_true = batch["cu_seqlens"].to(torch.int64).cpu()
     cu_now = batch.get("cu_seqlens_padded")
@@ -110,24 +111,14 @@ def cp_gather_order(cu_seqlens_padded: torch.Tensor, cp: int,
     return torch.argsort(cp_owner(cu_seqlens_padded, cp, total), stable=True)
 
 
-def check_cp_layout(cu_seqlens_padded: torch.Tensor, multiple: int, where: str = "batch") -> None:
-    lens = (cu_seqlens_padded[1:] - cu_seqlens_padded[:-1]).to(torch.int64).cpu()
-    bad = torch.nonzero(lens % multiple != 0).squeeze(1)
-    if len(bad):
-        i = int(bad[0])
-        raise ValueError(
-            f"{where}: document {i} has padded length {int(lens[i])}, not a multiple of "
-            f"{multiple} (context parallelism cuts every document into 2 x context chunks, times "
-            f"tensor with sequence parallelism); pad with pad_documents(batch, {multiple}) or "
-            f"collate_packed(..., pad_to_multiple_of={multiple})")
-
-
-def split_batch_for_cp_rank(batch: dict, cp: int, rank: int, multiple: Optional[int] = None) -> dict:
+def split_batch_for_cp_rank(batch: dict, cp: int, rank: int,
+                            multiple: Optional[int] = None) -> dict:
     """This CP rank's share of a packed micro-batch (THD, batch dim 1).
 
-    tokens/labels/loss_mask (every [1, T] tensor) become this rank's positions; `position_ids` holds their positions
-    in the padded row; cu_seqlens, cu_seqlens_padded and max_seqlen stay global (megatron-core
-    and TE expect them so); num_loss_tokens counts this rank's loss tokens. A rank whose tokens
+    Documents are padded first when needed (pad_documents). tokens/labels/loss_mask (every
+    [1, T] tensor) become this rank's positions; `position_ids` holds their positions in the
+    padded row; cu_seqlens, cu_seqlens_padded and max_seqlen stay global (megatron-core and TE
+    expect them so); num_loss_tokens counts this rank's loss tokens. A rank whose tokens
     are all masked gets loss sum 0 and count 0: loss sums and counts are reduced across the
     data x context group, never divided per rank, so no NaN appears.
     """
@@ -140,7 +131,6 @@ def split_batch_for_cp_rank(batch: dict, cp: int, rank: int, multiple: Optional[
     cu_pad = batch.get("cu_seqlens_padded")
     if cu_pad is None:  # already a multiple: the true layout is the padded one
         cu_pad = batch["cu_seqlens"]
-    check_cp_layout(cu_pad, multiple)
     idx = cp_partition_indices(cu_pad.cpu(), cp, rank)
     out = dict(batch)
     for key in _per_token_keys(batch):
