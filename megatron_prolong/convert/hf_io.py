@@ -131,13 +131,11 @@ class HFCheckpoint:
         info = self.tensors[name]
         if info.file.endswith(".bin"):
             return self._handles[info.file][name]
-        handle = self._handles.get(info.file)
-        if handle is None:
-            from safetensors import safe_open
+        from safetensors import safe_open
 
-            handle = safe_open(os.path.join(self.directory, info.file), framework="pt")
-            self._handles[info.file] = handle
-        return handle.get_tensor(name)
+        # Opened per tensor: a handle kept open keeps every page it has read mapped (resident).
+        with safe_open(os.path.join(self.directory, info.file), framework="pt") as handle:
+            return handle.get_tensor(name)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from typing import Optional
 
 import torch
@@ -21,6 +20,8 @@ from megatron_prolong.convert import llama_mapping as lm
 from megatron_prolong.convert.errors import ConversionError
 from megatron_prolong.convert.hf_config import model_config_from_hf, model_config_yaml, read_json
 from megatron_prolong.convert.hf_io import HFCheckpoint
+from megatron_prolong.convert.mcore_io import save_mcore_checkpoint
+from megatron_prolong.convert.staging import staged_output
 
 
 def check_layout(model: ModelConfig, tp: int = 1, pp: int = 1, cp: int = 1) -> None:
@@ -61,22 +62,6 @@ def check_hf_tensors(ckpt: HFCheckpoint, model: ModelConfig, dtype: Optional[tor
     return dtype or dtypes.pop()
 
 
-def prepare_output(out_dir: str, overwrite: bool) -> str:
-    """The temporary directory to write into; renamed to out_dir only when complete."""
-    if os.path.exists(out_dir) and os.listdir(out_dir) and not overwrite:
-        raise ConversionError(f"{out_dir}: exists and is not empty; pass --overwrite or choose another")
-    tmp = out_dir.rstrip("/") + ".partial"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    return tmp
-
-
-def finish_output(tmp: str, out_dir: str) -> None:
-    if os.path.exists(out_dir):
-        shutil.rmtree(out_dir)
-    os.replace(tmp, out_dir)
-
-
 def hf_to_mcore(hf_dir: str, out_dir: str, *, rope_theta: Optional[float] = None,
                 max_position_embeddings: Optional[int] = None, dtype: Optional[torch.dtype] = None,
                 target: tuple[int, int, int] = (1, 1, 1), overwrite: bool = False) -> ModelConfig:
@@ -87,21 +72,14 @@ def hf_to_mcore(hf_dir: str, out_dir: str, *, rope_theta: Optional[float] = None
     check_layout(model, *target)
     ckpt = HFCheckpoint(hf_dir)
     dtype = check_hf_tensors(ckpt, model, dtype)
-    tmp = prepare_output(out_dir, overwrite)
 
-    # One unit (e.g. q, k, v of one layer) is read and reshaped at a time; the converted tensors
-    # become the model's parameters (one copy of the model in memory).
-    state = {}
-    for unit in lm.units(model):
-        parts = [ckpt.get(n) for n in unit.hf_names()]
-        state[unit.module_name("local")] = lm.to_mcore(unit.rule, parts, model).to(dtype)
-        del parts
-    from megatron_prolong.convert.mcore_io import save_mcore_checkpoint
+    def produce(unit: lm.Unit) -> torch.Tensor:  # called while writing, one unit at a time
+        return lm.to_mcore(unit.rule, [ckpt.get(n) for n in unit.hf_names()], model)
 
-    save_mcore_checkpoint(state, model, tmp)
-    with open(os.path.join(tmp, "model.yaml"), "w") as f:
-        yaml.safe_dump(model_config_yaml(model), f, sort_keys=False)
-    with open(os.path.join(tmp, "hf_config.json"), "w") as f:
-        json.dump(hf_cfg, f, indent=2)
-    finish_output(tmp, out_dir)
+    with staged_output(out_dir, overwrite) as tmp:
+        save_mcore_checkpoint(model, dtype, produce, tmp)
+        with open(os.path.join(tmp, "model.yaml"), "w") as f:
+            yaml.safe_dump(model_config_yaml(model), f, sort_keys=False)
+        with open(os.path.join(tmp, "hf_config.json"), "w") as f:
+            json.dump(hf_cfg, f, indent=2)
     return model

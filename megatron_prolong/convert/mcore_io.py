@@ -1,10 +1,11 @@
 """megatron-core distributed checkpoints (torch_dist): writing one from full tensors, reading
 regions of one back.
 
-Writing goes through a real GPTModel (TP=1, PP=1, one CPU process) built on the meta device: the
-converted tensors become its parameters without a copy, and training/weights.save_model_weights
-writes them, so the checkpoint has exactly the keys, factories (SwiGLU fc1) and extra-state
-objects that load_model_weights expects at any TP/PP/CP layout.
+Writing asks a TP=1/PP=1 GPTModel built on the meta device (no memory, no init) for its
+sharded_state_dict: megatron's own keys, chunks (the SwiGLU fc1 factory's [gate; up] split) and
+extra-state objects, i.e. what training/weights.save_model_weights would write and
+load_model_weights expects at any TP/PP/CP layout. The data are then produced one mapped tensor at
+a time while torch.distributed.checkpoint writes them, so memory holds one tensor, not the model.
 
 Reading uses torch.distributed.checkpoint directly with a planner that asks for one region (one
 layer of one tensor) at a time: no process group, no model, and only that region in memory,
@@ -49,23 +50,114 @@ def single_process_model_parallel() -> None:
     if dist.is_initialized() and dist.get_world_size() != 1:
         raise ConversionError("hf-to-mcore runs as one process; do not launch it with torchrun")
     init_distributed("cpu")
-    init_model_parallel(Layout(1, 1, 1, 1, 1, 1), seed=0)
+    init_model_parallel(Layout(world_size=1, tp=1, pp=1, cp=1, dp=1, num_microbatches=1), seed=0)
 
 
-def save_mcore_checkpoint(state: dict[str, torch.Tensor], model: ModelConfig, directory: str) -> None:
-    """Write `state` (local-spec parameter names -> full tensors) as a distributed checkpoint."""
+def _checkpoint_plan(model: ModelConfig) -> tuple[list, dict]:
+    """What save_model_weights would write for this model, without its data: megatron's
+    ShardedTensors / ShardedObjects (factories applied) of a TP1/PP1 model built on the meta device,
+    and the common (non-sharded) state."""
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.dist_checkpointing.state_dict_utils import save_preprocess
+
     from megatron_prolong.model.llama import build_llama
-    from megatron_prolong.training.weights import save_model_weights
 
     single_process_model_parallel()
-    with torch.device("meta"):  # no allocation, no random init: the parameters come from `state`
+    with torch.device("meta"):  # no allocation, no random init
         gpt = build_llama(model, ParallelConfig(), on_cpu=True, use_te=False)
-    result = gpt.load_state_dict(state, strict=False, assign=True)
-    missing = [k for k in result.missing_keys if not k.endswith("_extra_state")]
-    if missing or result.unexpected_keys:
-        raise ConversionError(f"internal mapping error: missing {missing}, unexpected "
-                              f"{result.unexpected_keys}")
-    save_model_weights([gpt], directory)
+    sharded, common = save_preprocess(gpt.sharded_state_dict())
+    return list(nested_values(sharded)), common
+
+
+class _LazySavePlanner:
+    """torch.distributed.checkpoint save planner whose tensors are produced when written."""
+
+    def __new__(cls, items, produce):
+        from torch.distributed.checkpoint import DefaultSavePlanner
+        from torch.distributed.checkpoint.planner import SavePlan
+
+        class LazySavePlanner(DefaultSavePlanner):
+            def set_up_planner(self, state_dict, storage_meta=None, is_coordinator=False):
+                self.state_dict, self.is_coordinator, self.mappings = {}, is_coordinator, {}
+
+            def create_local_plan(self):
+                self.plan = SavePlan(items=[item for item, _ in items])
+                return self.plan
+
+            def resolve_data(self, write_item):
+                return produce(write_item)
+
+        return LazySavePlanner(flatten_state_dict=False)
+
+
+def save_mcore_checkpoint(model: ModelConfig, dtype: torch.dtype, produce_unit, directory: str) -> None:
+    """Write the distributed checkpoint of `model`, asking `produce_unit(unit)` for each mapped
+    tensor (full, TP=1 layout) only when it is written, and keeping only the latest one.
+
+    The keys, chunks and extra-state objects are megatron's own (from the model's
+    sharded_state_dict), so load_model_weights reads the result at any TP/PP/CP layout."""
+    import io
+
+    import torch.distributed.checkpoint as dcp
+    from megatron.core.dist_checkpointing.core import CheckpointingConfig, save_config
+    from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor
+    from megatron.core.dist_checkpointing.serialization import (get_default_save_common_strategy,
+                                                                get_default_save_sharded_strategy)
+    from torch.distributed.checkpoint.metadata import (ChunkStorageMetadata, MetadataIndex,
+                                                       TensorProperties)
+    from torch.distributed.checkpoint.planner import TensorWriteData, WriteItem, WriteItemType
+
+    from megatron_prolong.convert import llama_mapping as lm
+
+    sharded, common = _checkpoint_plan(model)
+    by_key = {lm.Unit(r, 0).checkpoint_key: r for r in lm.LLAMA_RULES}
+    items = []
+    for sh in sharded:
+        if isinstance(sh, ShardedObject):  # serialized as megatron's torch_dist strategy does
+            blob = io.BytesIO()
+            torch.save([sh.data], blob)
+            items.append((WriteItem(MetadataIndex(sh.unique_key), WriteItemType.BYTE_IO), blob))
+            continue
+        if not isinstance(sh, ShardedTensor) or sh.key not in by_key or sh.flattened_range is not None:
+            raise ConversionError(f"internal: {sh} is not covered by the Llama mapping")
+        rule = by_key[sh.key]
+        if tuple(sh.global_shape) != lm.checkpoint_shape(rule, model):
+            raise ConversionError(f"internal: {sh.key} has global shape {sh.global_shape}, the "
+                                  f"mapping says {lm.checkpoint_shape(rule, model)}")
+        sizes = (1,) * sh.prepend_axis_num + tuple(sh.local_shape)
+        chunk = ChunkStorageMetadata(offsets=torch.Size(sh.global_offset), sizes=torch.Size(sizes))
+        data = TensorWriteData(chunk=chunk, properties=TensorProperties(dtype=dtype),
+                               size=torch.Size(sh.global_shape))
+        unit = lm.Unit(rule, sh.global_offset[0] if rule.per_layer else None)
+        items.append((WriteItem(MetadataIndex(sh.key, sh.global_offset), WriteItemType.SHARD,
+                                tensor_data=data), unit))
+    lookup = {item.index: what for item, what in items}
+    latest: dict = {}
+
+    def produce(write_item):
+        what = lookup[write_item.index]
+        if isinstance(what, io.BytesIO):
+            return what
+        if what not in latest:  # e.g. fc1's gate and up chunks come from one unit
+            latest.clear()
+            latest[what] = produce_unit(what).to(dtype)
+        full = latest[what]
+        chunk = write_item.tensor_data.chunk
+        region = full.reshape(1, *full.shape) if what.rule.per_layer else full
+        for dim, (offset, size) in enumerate(zip(chunk.offsets, chunk.sizes)):
+            start = 0 if (dim == 0 and what.rule.per_layer) else offset
+            region = region.narrow(dim, start, size)
+        return region
+
+    sharded_strategy = get_default_save_sharded_strategy()
+    common_strategy = get_default_save_common_strategy()
+    os.makedirs(directory, exist_ok=True)
+    common_strategy.save_common(common, directory)
+    # One file per item: the writer keeps every tensor of a file alive until the file is closed.
+    writer = dcp.FileSystemWriter(directory, single_file_per_rank=False, thread_count=1)
+    dcp.save({}, storage_writer=writer, planner=_LazySavePlanner(items, produce), no_dist=True)
+    save_config(CheckpointingConfig(sharded_strategy.backend, sharded_strategy.version,
+                                    common_strategy.backend, common_strategy.version), directory)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ from megatron_prolong.convert.hf_config import (generation_config, hf_config_fro
                                                 load_model_section, read_json)
 from megatron_prolong.convert.hf_io import (PlannedTensor, copy_tokenizer_files, parse_size,
                                             plan_shards, write_sharded)
-from megatron_prolong.convert.hf_to_mcore import finish_output, prepare_output
+from megatron_prolong.convert.staging import staged_output
 from megatron_prolong.convert.mcore_io import check_checkpoint_dir, read_regions, tensor_metadata
 
 MODEL_PREFIXES = ("embedding.", "decoder.", "output_layer.")
@@ -92,14 +92,13 @@ def mcore_to_hf(checkpoint: str, out_dir: str, *, model_config: Optional[str] = 
             for name, t in zip(unit.hf_names(), lm.to_hf(unit.rule, region, model)):
                 yield name, t.to(dtype)
 
-    tmp = prepare_output(out_dir, overwrite)
-    with open(os.path.join(tmp, "config.json"), "w") as f:
-        json.dump(cfg, f, indent=2)
-    if gen:
-        with open(os.path.join(tmp, "generation_config.json"), "w") as f:
-            json.dump(gen, f, indent=2)
-    if tokenizer_dir:
-        copy_tokenizer_files(tokenizer_dir, tmp)
-    write_sharded(tmp, shards, tensors())
-    finish_output(tmp, out_dir)
+    with staged_output(out_dir, overwrite) as tmp:
+        with open(os.path.join(tmp, "config.json"), "w") as f:
+            json.dump(cfg, f, indent=2)
+        if gen:
+            with open(os.path.join(tmp, "generation_config.json"), "w") as f:
+                json.dump(gen, f, indent=2)
+        if tokenizer_dir:
+            copy_tokenizer_files(tokenizer_dir, tmp)
+        write_sharded(tmp, shards, tensors())
     return cfg
