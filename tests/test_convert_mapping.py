@@ -89,32 +89,65 @@ def test_te_names_are_the_checkpoint_keys_and_local_names_rename_the_norms():
 
 
 @pytest.mark.slow
-def test_local_model_names_and_checkpoint_keys_match_the_table():
-    """Against a real local-spec GPTModel: parameter names and dist-checkpoint keys/shapes."""
+def test_table_and_streamed_checkpoint_match_megatron(tmp_path):
+    """Against a real local-spec GPTModel: its parameter names and checkpoint keys/shapes are the
+    table's, and the converter's streamed checkpoint has exactly the entries save_model_weights
+    writes, with the model's values."""
     from distributed import run_distributed
 
-    (names, keys), = run_distributed(_local_model_names, 1, MODEL)
+    (names, keys, ours, theirs, equal), = run_distributed(_against_megatron, 1, MODEL, str(tmp_path))
     assert names == {u.module_name("local") for u in lm.units(MODEL)}
     assert keys == {lm.Unit(r, 0).checkpoint_key: lm.checkpoint_shape(r, MODEL) for r in lm.LLAMA_RULES}
+    assert ours == theirs and any(k.endswith("_extra_state/shard_1_2") for k in ours)
+    assert equal
 
 
-def _local_model_names(model):
-    from megatron_prolong.convert.mcore_io import single_process_model_parallel
-    from megatron_prolong.model.llama import build_llama
+def _against_megatron(model, tmp):
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
+    from torch.distributed.checkpoint import FileSystemReader
+
     from megatron_prolong.config import ParallelConfig
+    from megatron_prolong.convert.mcore_io import (read_regions, save_mcore_checkpoint,
+                                                   single_process_model_parallel)
+    from megatron_prolong.model.llama import build_llama
+    from megatron_prolong.training.weights import save_model_weights
 
     single_process_model_parallel()
     gpt = build_llama(model, ParallelConfig(), on_cpu=True, use_te=False)
-    names = {k for k in gpt.state_dict() if not k.endswith("_extra_state")}
+    state = gpt.state_dict()
+    names = {k for k in state if not k.endswith("_extra_state")}
     keys = {}
-    from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
-
     for v in gpt.sharded_state_dict().values():
         if isinstance(v, ShardedTensor):
             keys[v.key] = tuple(v.global_shape)
         elif isinstance(v, ShardedTensorFactory):
             keys[v.key] = (model.num_layers, *v.data.shape)
-    return names, keys
+
+    save_model_weights([gpt], os.path.join(tmp, "theirs"))
+    save_mcore_checkpoint(model, torch.float32, lambda unit: state[unit.module_name("local")],
+                          os.path.join(tmp, "ours"))
+
+    def entries(d):
+        md = FileSystemReader(os.path.join(tmp, d)).read_metadata().state_dict_metadata
+        return {k: (type(v).__name__, tuple(getattr(v, "size", ()))) for k, v in md.items()}
+
+    units = lm.units(model)
+    regions = read_regions(os.path.join(tmp, "ours"), [
+        (u.checkpoint_key, u.layer, lm.mcore_shape(u.rule, model), torch.float32) for u in units])
+    equal = all(torch.equal(r, state[u.module_name("local")]) for u, r in zip(units, regions))
+    return names, keys, entries("ours"), entries("theirs"), equal
+
+
+def test_bin_checkpoints_read_like_safetensors(hf_dir, tmp_path):
+    from transformers import LlamaForCausalLM
+
+    LlamaForCausalLM.from_pretrained(hf_dir).save_pretrained(str(tmp_path), safe_serialization=False,
+                                                             max_shard_size="200KB")
+    assert os.path.exists(tmp_path / "pytorch_model.bin.index.json")
+    safe, binary = HFCheckpoint(hf_dir), HFCheckpoint(str(tmp_path))
+    assert safe.tensors.keys() == binary.tensors.keys()
+    for name in safe.tensors:
+        assert torch.equal(safe.get(name), binary.get(name)), name
 
 
 # --------------------------------------------------------------------------------------------- config
