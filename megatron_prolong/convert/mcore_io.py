@@ -69,25 +69,24 @@ def _checkpoint_plan(model: ModelConfig) -> tuple[list, dict]:
     return list(nested_values(sharded)), common
 
 
-class _LazySavePlanner:
-    """torch.distributed.checkpoint save planner whose tensors are produced when written."""
+def _lazy_save_planner(items: list, produce):
+    """A torch.distributed.checkpoint save planner for the given write items whose tensors are
+    produced (`produce(write_item)`) only when the writer gets to them."""
+    from torch.distributed.checkpoint import DefaultSavePlanner
+    from torch.distributed.checkpoint.planner import SavePlan
 
-    def __new__(cls, items, produce):
-        from torch.distributed.checkpoint import DefaultSavePlanner
-        from torch.distributed.checkpoint.planner import SavePlan
+    class LazySavePlanner(DefaultSavePlanner):
+        def set_up_planner(self, state_dict, storage_meta=None, is_coordinator=False):
+            self.state_dict, self.is_coordinator, self.mappings = {}, is_coordinator, {}
 
-        class LazySavePlanner(DefaultSavePlanner):
-            def set_up_planner(self, state_dict, storage_meta=None, is_coordinator=False):
-                self.state_dict, self.is_coordinator, self.mappings = {}, is_coordinator, {}
+        def create_local_plan(self):
+            self.plan = SavePlan(items=list(items))
+            return self.plan
 
-            def create_local_plan(self):
-                self.plan = SavePlan(items=[item for item, _ in items])
-                return self.plan
+        def resolve_data(self, write_item):
+            return produce(write_item)
 
-            def resolve_data(self, write_item):
-                return produce(write_item)
-
-        return LazySavePlanner(flatten_state_dict=False)
+    return LazySavePlanner(flatten_state_dict=False)
 
 
 def save_mcore_checkpoint(model: ModelConfig, dtype: torch.dtype, produce_unit, directory: str) -> None:
@@ -155,7 +154,8 @@ def save_mcore_checkpoint(model: ModelConfig, dtype: torch.dtype, produce_unit, 
     common_strategy.save_common(common, directory)
     # One file per item: the writer keeps every tensor of a file alive until the file is closed.
     writer = dcp.FileSystemWriter(directory, single_file_per_rank=False, thread_count=1)
-    dcp.save({}, storage_writer=writer, planner=_LazySavePlanner(items, produce), no_dist=True)
+    planner = _lazy_save_planner([item for item, _ in items], produce)
+    dcp.save({}, storage_writer=writer, planner=planner, no_dist=True)
     save_config(CheckpointingConfig(sharded_strategy.backend, sharded_strategy.version,
                                     common_strategy.backend, common_strategy.version), directory)
 
