@@ -82,3 +82,11 @@ def test_valid_layout_is_resolved():
                              "training.seq_length=65536", "training.global_batch_size=64"])
     layout = validate(cfg, 64)
     assert (layout.tp, layout.pp, layout.cp, layout.dp, layout.num_microbatches) == (8, 2, 1, 4, 16)
+
+
+def test_sequence_parallel_needs_transformer_engine(megatron_single_process):
+    from megatron_prolong.model.llama import build_llama
+
+    cfg = load_config(None, ["model.preset=tiny", "parallel.sequence_parallel=true"])
+    with pytest.raises(ConfigError, match="parallel.sequence_parallel=true: needs the Transformer"):
+        build_llama(cfg.model, cfg.parallel, on_cpu=True, use_te=False)

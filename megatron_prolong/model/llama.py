@@ -11,7 +11,7 @@ from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.spec_utils import ModuleSpec
 
-from megatron_prolong.config import ModelConfig, ParallelConfig
+from megatron_prolong.config import ConfigError, ModelConfig, ParallelConfig
 from megatron_prolong.model.attention import DocumentMaskedAttention
 from megatron_prolong.model.context_parallel import te_context_parallel_kwargs
 from megatron_prolong.model.loss import DEFAULT_CHUNK_SIZE, ChunkedLossGPTModel
@@ -124,6 +124,13 @@ def build_llama(
     """
     if use_te is None:
         use_te = use_transformer_engine(model)
+    if parallel.sequence_parallel and not use_te:
+        # megatron-core's plain-torch RMSNorm cannot run sequence-parallel without apex or TE.
+        raise ConfigError(
+            "parallel.sequence_parallel=true: needs the Transformer Engine layer spec "
+            "(model.attention_backend=te or auto on a GPU with TE installed); set "
+            "parallel.sequence_parallel=false for the local attention path"
+        )
     config = to_transformer_config(model, parallel, precision=precision, on_cpu=on_cpu,
                                    use_te=use_te)
     model_class = ChunkedLossGPTModel if loss_chunk_size > 0 else GPTModel
