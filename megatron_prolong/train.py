@@ -1,0 +1,77 @@
+"""Training entry point.
+
+    python -m megatron_prolong.train RECIPE.yaml [key=value ...]            # 1 process (CPU ok)
+    torchrun --nproc-per-node 4 -m megatron_prolong.train RECIPE.yaml parallel.tensor=2 ...
+    python -m megatron_prolong.train RECIPE.yaml --dry-run --nodes 8 --gpus-per-node 8 --gpu h100
+
+Exit codes: 0 done / saved and stopped on preemption, 2 configuration error, 3 diverged
+(non-finite losses), 4 the dry run says the recipe does not fit the GPU.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Optional
+
+from megatron_prolong.config import ConfigError, load_config
+
+
+def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m megatron_prolong.train",
+        description="Train (or dry-run) a recipe: RECIPE.yaml followed by key=value overrides.")
+    parser.add_argument("args", nargs="*", metavar="RECIPE.yaml | key=value")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="print layout, budget and per-GPU memory estimate; no training")
+    parser.add_argument("--nodes", type=int, default=1)
+    parser.add_argument("--gpus-per-node", type=int, default=8)
+    parser.add_argument("--gpu", default="h100", help="h100 (80 GB) or h200 (141 GB)")
+    ns = parser.parse_args(argv)
+    recipes = [a for a in ns.args if "=" not in a]
+    if len(recipes) > 1:
+        parser.error(f"more than one recipe given: {recipes}")
+    ns.recipe = recipes[0] if recipes else None
+    ns.overrides = [a for a in ns.args if "=" in a]
+    return ns
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    ns = parse_args(argv)
+    try:
+        cfg = load_config(ns.recipe, ns.overrides)
+        if ns.dry_run:
+            from megatron_prolong.training.dry_run import dry_run_report
+
+            report, fits = dry_run_report(cfg, ns.nodes, ns.gpus_per_node, ns.gpu)
+            print(report)
+            return 0 if fits else 4
+        from megatron_prolong.config import validate
+        from megatron_prolong.training.loop import TrainingDiverged, train
+        from megatron_prolong.training.parallel import (
+            destroy_model_parallel,
+            init_distributed,
+            init_model_parallel,
+        )
+
+        runtime = init_distributed(cfg.training.device)
+        layout = validate(cfg, runtime.world_size)
+        init_model_parallel(layout, cfg.training.seed)
+    except (ConfigError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        train(cfg, runtime, layout)
+    except TrainingDiverged as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 3
+    finally:
+        destroy_model_parallel()
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":  # the guard is required: the async checkpoint writer spawns
+    sys.exit(main())

@@ -1,0 +1,150 @@
+"""cfg.data -> this rank's micro-batches for each optimizer step, resumable from a sample count.
+
+Kinds: `synthetic` (random packed rows, no files; for tests), `demo` (the offline byte-level
+demo corpus, built on first use), `mixture` (a domain mixture YAML of indexed datasets) and
+`sft` (the same in SFT packing mode). Every kind is a pure function of (config, seed, global
+sample index), and the data-parallel split is megatron's: step k uses samples
+[k*G, (k+1)*G) of which this DP rank takes its share (smart batching optional). Resuming from
+`consumed_samples` therefore yields exactly what an uninterrupted run would have seen.
+
+Each micro-batch also carries `domain_ids` (per token, into `domain_names`) and `num_domains`
+for the per-domain loss curves.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import fields
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from megatron_prolong.config import ConfigError, Layout, RunConfig
+from megatron_prolong.data.batching import RankBatchIterator
+from megatron_prolong.data.packing import PackedSample, build_sample
+
+KINDS = ("synthetic", "demo", "mixture", "sft")
+
+
+class SyntheticPackedDataset:
+    """Random tokens in 1-4 documents per sample, from a generator seeded by (seed, index)."""
+
+    DOMAINS = ("synthetic_a", "synthetic_b")
+
+    def __init__(self, seq_length: int, vocab_size: int, seed: int) -> None:
+        self.seq_length, self.vocab_size, self.seed = seq_length, vocab_size, seed
+
+    def __len__(self) -> int:
+        return 2**62
+
+    def _rng(self, i: int) -> np.random.Generator:
+        return np.random.default_rng([self.seed, int(i)])
+
+    def segment_lengths(self, i: int) -> np.ndarray:
+        rng = self._rng(i)
+        n_docs = int(rng.integers(1, 5))
+        cuts = np.sort(rng.choice(np.arange(1, self.seq_length), n_docs - 1, replace=False))
+        return np.diff(np.concatenate([[0], cuts, [self.seq_length]]))
+
+    def __getitem__(self, i: int) -> PackedSample:
+        lengths = self.segment_lengths(i)
+        tokens = np.random.default_rng([self.seed, int(i), 1]).integers(
+            0, self.vocab_size, self.seq_length)
+        segments = np.split(tokens, np.cumsum(lengths)[:-1])
+        return build_sample(segments, self.seq_length, self.DOMAINS[i % 2], pad_id=0)
+
+
+class DataSource:
+    """Per step: `next_step()` -> this rank's list of collated micro-batches."""
+
+    def __init__(self, dataset, domain_names: list[str], cfg: RunConfig, layout: Layout,
+                 dp_rank: int, consumed_samples: int = 0) -> None:
+        self.domain_names = list(domain_names)
+        self._index = {name: i for i, name in enumerate(self.domain_names)}
+        self._iter = RankBatchIterator(
+            dataset, cfg.training.global_batch_size, cfg.training.micro_batch_size,
+            dp_rank, layout.dp, consumed_samples=consumed_samples,
+            smart_batching=cfg.data.smart_batching,
+            # CP document padding is done by the train step for the model's own layout.
+            pad_to_multiple_of=1)
+        self.seq_length = cfg.training.seq_length
+
+    @property
+    def consumed_samples(self) -> int:
+        return self._iter.consumed_samples
+
+    def next_step(self) -> list[dict]:
+        batches = next(self._iter)
+        for batch in batches:
+            ids = torch.tensor([self._domain_id(d) for d in batch["domains"]], dtype=torch.int64)
+            per_sample = batch["tokens"].shape[1] // len(batch["domains"])
+            batch["domain_ids"] = ids.repeat_interleave(per_sample)[None]
+            batch["num_domains"] = len(self.domain_names)
+        return batches
+
+    def _domain_id(self, name: str) -> int:
+        if name not in self._index:  # a domain the dataset did not announce up front
+            self._index[name] = len(self.domain_names)
+            self.domain_names.append(name)
+        return self._index[name]
+
+
+def _data_config(cfg: RunConfig, options: Optional[dict] = None, **extra):
+    from megatron_prolong.data.config import DataConfig
+
+    options = cfg.data.options if options is None else options
+    known = {f.name for f in fields(DataConfig)}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise ConfigError(f"data.options: unknown key(s) {unknown}; known: {sorted(known)}")
+    args = dict(tokenizer_kind=cfg.data.tokenizer, tokenizer_path=cfg.data.tokenizer_path,
+                mixture=cfg.data.mixture, seed=cfg.training.seed,
+                smart_batching=cfg.data.smart_batching)
+    args.update(options)
+    args.update(extra)
+    return DataConfig(**args)
+
+
+def demo_corpus_dir(cfg: RunConfig) -> str:
+    return cfg.data.options.get("corpus_dir") or os.path.join(cfg.run_dir, "demo_corpus")
+
+
+def _build_demo(cfg: RunConfig, rank: int):
+    from megatron_prolong.data.demo_corpus import build_demo_corpus
+    from megatron_prolong.data.mixture import build_pretraining_dataset
+
+    out_dir = demo_corpus_dir(cfg)
+    # Rank 0 writes the corpus; the others wait and then read the same files.
+    domains = build_demo_corpus(out_dir, seed=cfg.training.seed) if rank == 0 else None
+    if dist.is_initialized():
+        holder = [domains]
+        dist.broadcast_object_list(holder, src=0)
+        domains = holder[0]
+    options = {k: v for k, v in cfg.data.options.items() if k != "corpus_dir"}
+    data_cfg = _data_config(cfg, options, tokenizer_kind="byte", mixture=None, domains=domains)
+    return build_pretraining_dataset(data_cfg, cfg.training.seq_length), [d.name for d in domains]
+
+
+def build_data_source(cfg: RunConfig, layout: Layout, dp_rank: int, consumed_samples: int = 0,
+                      rank: Optional[int] = None) -> DataSource:
+    kind = cfg.data.kind
+    rank = (dist.get_rank() if dist.is_initialized() else 0) if rank is None else rank
+    if kind == "synthetic":
+        dataset = SyntheticPackedDataset(cfg.training.seq_length, cfg.model.vocab_size,
+                                         cfg.training.seed)
+        names = list(SyntheticPackedDataset.DOMAINS)
+    elif kind == "demo":
+        dataset, names = _build_demo(cfg, rank)
+    elif kind in ("mixture", "sft"):
+        from megatron_prolong.data.mixture import build_pretraining_dataset
+
+        if not cfg.data.mixture and not cfg.data.options.get("domains"):
+            raise ConfigError(f"data.kind={kind}: set data.mixture to a mixture YAML "
+                              "(see examples/mixtures/)")
+        data_cfg = _data_config(cfg, **({"mode": "sft"} if kind == "sft" else {}))
+        dataset = build_pretraining_dataset(data_cfg, cfg.training.seq_length)
+        names = dataset.domain_names
+    else:
+        raise ConfigError(f"data.kind={kind!r}: choose one of {', '.join(KINDS)}")
+    return DataSource(dataset, names, cfg, layout, dp_rank, consumed_samples)

@@ -1,0 +1,182 @@
+"""The training loop: resume, step, log, checkpoint, stop on preemption or divergence.
+
+Side jobs are small pieces the loop calls: LRSchedule (schedule.py), CheckpointManager
+(checkpoint.py), MetricsLogger (metrics.py), DataSource (data_source.py); one step is
+training/step.train_step.
+"""
+from __future__ import annotations
+
+import math
+import os
+import signal
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Optional
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+
+from megatron_prolong.config import Layout, RunConfig, save_config
+from megatron_prolong.training.checkpoint import (
+    CheckpointManager,
+    Progress,
+    load_checkpoint,
+    resolve_checkpoint,
+)
+from megatron_prolong.training.data_source import build_data_source
+from megatron_prolong.training.metrics import MetricsLogger
+from megatron_prolong.training.parallel import Runtime
+from megatron_prolong.training.schedule import LRSchedule
+from megatron_prolong.training.step import TrainState, setup_training, train_step
+
+PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+class TrainingDiverged(RuntimeError):
+    """Too many non-finite losses in a row; the last good checkpoint is left in place."""
+
+
+@dataclass
+class RunResult:
+    losses: dict = field(default_factory=dict)  # step (1-based) -> global mean loss
+    final_step: int = 0
+    stop_reason: str = "done"  # done | preempted | exit_at_step
+    checkpoint: Optional[str] = None
+    resumed_from: Optional[str] = None
+
+
+class PreemptionFlag:
+    """SIGTERM/SIGUSR1 (Slurm preemption, `scancel --signal`, time limits) set a flag; the loop
+    checks it after each step on every rank together, then saves and exits cleanly."""
+
+    def __init__(self) -> None:
+        self.received: Optional[int] = None
+        self._previous = {}
+
+    def __enter__(self) -> "PreemptionFlag":
+        for sig in PREEMPTION_SIGNALS:
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum, _frame) -> None:
+        self.received = signum
+
+    def any_rank(self) -> bool:
+        """Collective: True when any rank got a signal (srun may signal only some)."""
+        flag = torch.tensor([1.0 if self.received is not None else 0.0])
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+
+def _print0(*args) -> None:
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(*args, flush=True)
+
+
+def restore(cfg: RunConfig, state: TrainState, layout: Layout,
+            ckpt: CheckpointManager) -> tuple[Progress, Optional[str]]:
+    """Resume this run from its own latest checkpoint; else start from checkpoint.load
+    (stage 2 from stage 1, SFT from stage 2); else from scratch."""
+    fresh = Progress(layout=asdict(layout))
+    own = ckpt.latest()
+    if own:
+        progress = load_checkpoint(state.model, state.optimizer, own)
+        progress.layout = asdict(layout)
+        _print0(f"resuming from {own} (step {progress.step}, "
+                f"{progress.consumed_samples} samples consumed)")
+        return progress, own
+    if cfg.checkpoint.load:
+        source = resolve_checkpoint(cfg.checkpoint.load)
+        loaded = load_checkpoint(state.model, state.optimizer, source,
+                                 load_optimizer=cfg.checkpoint.load_optimizer, load_rng=False)
+        what = "weights + optimizer state" if cfg.checkpoint.load_optimizer else "weights"
+        if cfg.checkpoint.reset_schedule:
+            _print0(f"initialised {what} from {source}; LR schedule and data restart at step 0")
+            return fresh, source
+        loaded.layout = asdict(layout)
+        _print0(f"initialised {what} from {source}; continuing at step {loaded.step}")
+        return loaded, source
+    return fresh, None
+
+
+def train(cfg: RunConfig, runtime: Runtime, layout: Layout,
+          step_hook: Optional[Callable] = None, data_source=None) -> RunResult:
+    """Run (or resume) training to cfg's step budget. Collective over all ranks.
+
+    `step_hook(step, result, state, batches)` runs after every step (tests, custom callbacks);
+    `data_source` replaces the one built from cfg.data (tests)."""
+    if runtime.rank == 0:
+        save_config(cfg, os.path.join(cfg.run_dir, "config.yaml"))
+    state = setup_training(cfg, runtime, layout)
+    ckpt = CheckpointManager(cfg.checkpoint.save_dir or os.path.join(cfg.run_dir, "checkpoints"),
+                             cfg.checkpoint.keep_last)
+    progress, resumed_from = restore(cfg, state, layout, ckpt)
+    schedule = LRSchedule.from_config(cfg)
+    total = schedule.total_steps
+    if data_source is None:
+        data_source = build_data_source(cfg, layout, parallel_state.get_data_parallel_rank(),
+                                        progress.consumed_samples)
+    metrics = MetricsLogger(cfg, layout, total, data_source.domain_names, runtime.rank,
+                            resumed_step=progress.step)
+    _print0(f"training {cfg.name}: layout TP={layout.tp} PP={layout.pp} CP={layout.cp} "
+            f"DP={layout.dp}, {layout.num_microbatches} micro-batches/step, "
+            f"{cfg.training.tokens_per_step:,} tokens/step, steps {progress.step} -> {total}")
+    result = RunResult(final_step=progress.step, resumed_from=resumed_from)
+    nan_streak = 0
+    last_saved = ckpt.latest()
+    try:
+        with PreemptionFlag() as preemption:
+            while progress.step < total:
+                batches = data_source.next_step()
+                lr = schedule.lr(progress.step)
+                start = time.perf_counter()
+                step_result = train_step(state, batches, lr)
+                seconds = time.perf_counter() - start
+                progress.step += 1
+                progress.consumed_samples = data_source.consumed_samples
+                finite = math.isfinite(step_result.loss)
+                nan_streak = 0 if finite else nan_streak + 1
+                progress.skipped_steps += 0 if finite else 1
+                result.losses[progress.step] = step_result.loss
+                result.final_step = progress.step
+                line = metrics.step_done(progress.step, step_result, lr, seconds, batches,
+                                         progress.skipped_steps)
+                if line:
+                    _print0(line)
+                if not finite:
+                    _print0(f"step {progress.step}: non-finite loss ({step_result.loss}); "
+                            f"optimizer step skipped ({nan_streak} in a row, limit "
+                            f"{cfg.training.max_nan_steps})")
+                if nan_streak >= cfg.training.max_nan_steps:
+                    raise TrainingDiverged(
+                        f"{nan_streak} non-finite losses in a row (training.max_nan_steps="
+                        f"{cfg.training.max_nan_steps}) at step {progress.step}; stopping "
+                        "without saving. The last good checkpoint is "
+                        f"{last_saved or '(none saved yet)'}: lower optimizer.lr, check the "
+                        "data around these steps, then relaunch (it resumes from there).")
+                if step_hook is not None:
+                    step_hook(progress.step, step_result, state, batches)
+                preempted = preemption.any_rank()
+                exit_now = cfg.training.exit_at_step == progress.step
+                interval = cfg.checkpoint.save_interval
+                if (preempted or exit_now or progress.step == total
+                        or (interval and progress.step % interval == 0)):
+                    last_saved = ckpt.save(state.model, state.optimizer, progress)
+                    result.checkpoint = last_saved
+                    _print0(f"saved checkpoint {last_saved}")
+                if preempted or exit_now:
+                    result.stop_reason = "preempted" if preempted else "exit_at_step"
+                    _print0(f"stopping after step {progress.step} "
+                            f"({result.stop_reason}); relaunch to resume from {last_saved}")
+                    break
+    finally:
+        metrics.close()
+        sys.stdout.flush()
+    return result

@@ -1,0 +1,203 @@
+"""Throughput, MFU and loss reporting: a console line per interval, TensorBoard, metrics.jsonl.
+
+FLOPs are analytic, from the model shape, and count only the attention that document masks
+leave: a packed row's attention work is the sum over its documents of length**2 (halved for
+causality), not seq_length**2. Training FLOPs = 3 x forward (backward is twice the forward);
+recomputation is not counted (model FLOPs, as MFU is usually defined).
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from megatron_prolong.config import Layout, ModelConfig, RunConfig
+
+# Dense bf16 peak TFLOP/s per GPU (no sparsity), by a substring of torch.cuda.get_device_name.
+PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0}
+
+
+def dense_flops_per_token(m: ModelConfig) -> float:
+    """Forward FLOPs per token of every matmul except attention scores (2 per multiply-add)."""
+    kv_dim = m.num_query_groups * m.kv_channels
+    q_dim = m.num_attention_heads * m.kv_channels
+    per_layer = (2 * m.hidden_size * (q_dim + 2 * kv_dim)  # QKV projection
+                 + 2 * q_dim * m.hidden_size  # attention output projection
+                 + 2 * 3 * m.hidden_size * m.ffn_hidden_size)  # SwiGLU: gate, up, down
+    return m.num_layers * per_layer + 2 * m.hidden_size * m.vocab_size  # + output layer
+
+
+def attention_flops(m: ModelConfig, sum_sq_doc_lengths: float) -> float:
+    """Forward FLOPs of QK^T and AV under causal document masks: per layer 2 matmuls x
+    2 FLOPs x q_dim x (sum of L**2 / 2 visible query-key pairs)."""
+    q_dim = m.num_attention_heads * m.kv_channels
+    return m.num_layers * 2 * q_dim * sum_sq_doc_lengths
+
+
+def training_flops(m: ModelConfig, tokens: float, sum_sq_doc_lengths: float) -> float:
+    return 3.0 * (tokens * dense_flops_per_token(m) + attention_flops(m, sum_sq_doc_lengths))
+
+
+def microbatch_work(batches: list[dict]) -> tuple[int, float]:
+    """(tokens, sum of squared document lengths) of this rank's micro-batches."""
+    tokens, sumsq = 0, 0.0
+    for b in batches:
+        cu = b["cu_seqlens"].to(torch.int64)
+        lens = (cu[1:] - cu[:-1]).double()
+        tokens += int(b["tokens"].shape[1])
+        sumsq += float((lens * lens).sum())
+    return tokens, sumsq
+
+
+def peak_tflops(cfg: RunConfig) -> Optional[float]:
+    if cfg.logging.peak_tflops:
+        return cfg.logging.peak_tflops
+    if torch.cuda.is_available():
+        name = torch.cuda.get_device_name()
+        for key, value in PEAK_TFLOPS.items():
+            if key in name:
+                return value
+    return None
+
+
+def memory_gib() -> tuple[str, float]:
+    """('gpu', peak allocated since the last call) on CUDA, else ('rss', process RSS)."""
+    if torch.cuda.is_available():
+        peak = torch.cuda.max_memory_allocated() / 2**30
+        torch.cuda.reset_peak_memory_stats()
+        return "gpu", peak
+    import psutil
+
+    return "rss", psutil.Process().memory_info().rss / 2**30
+
+
+def format_eta(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    return str(datetime.timedelta(seconds=int(seconds)))
+
+
+@dataclass
+class _Interval:
+    steps: int = 0
+    time: float = 0.0
+    flops: float = 0.0
+    tokens: float = 0.0
+    loss_sum: float = 0.0
+    loss_steps: int = 0
+    domain_sums: dict = field(default_factory=dict)
+    domain_tokens: dict = field(default_factory=dict)
+
+
+class MetricsLogger:
+    """Collective `step_done` (one scalar all-reduce for the FLOPs); rank 0 writes."""
+
+    def __init__(self, cfg: RunConfig, layout: Layout, total_steps: int,
+                 domain_names: list[str], rank: int, resumed_step: int = 0) -> None:
+        self.cfg, self.layout, self.total_steps = cfg, layout, total_steps
+        self.domain_names = domain_names
+        self.is_writer = rank == 0
+        self.peak = peak_tflops(cfg)
+        self.interval = _Interval()
+        self.skipped_total = 0
+        self.tb = None
+        self.jsonl = None
+        if self.is_writer:
+            os.makedirs(cfg.run_dir, exist_ok=True)
+            self.jsonl = open(os.path.join(cfg.run_dir, "metrics.jsonl"), "a")
+            if cfg.logging.tensorboard:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(cfg.logging.tensorboard_dir
+                                        or os.path.join(cfg.run_dir, "tensorboard"),
+                                        purge_step=resumed_step + 1)
+
+    def step_done(self, step: int, result, lr: float, seconds: float, batches: list[dict],
+                  skipped_total: int) -> Optional[str]:
+        """Record optimizer step `step` (1-based); returns the console line at log steps."""
+        tokens, sumsq = microbatch_work(batches)
+        # This DP replica's work is shared by its tp*pp*cp GPUs; average over all GPUs.
+        mp = self.layout.tp * self.layout.pp * self.layout.cp
+        work = torch.tensor([training_flops(self.cfg.model, tokens, sumsq) / mp, tokens / mp],
+                            dtype=torch.float64)
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(work)
+        world = self.layout.world_size
+        iv = self.interval
+        iv.steps += 1
+        iv.time += seconds
+        iv.flops += float(work[0]) / world
+        iv.tokens += float(work[1]) / world
+        if math.isfinite(result.loss):
+            iv.loss_sum += result.loss
+            iv.loss_steps += 1
+        names = self._domains(result)
+        for name, (s, n) in names.items():
+            iv.domain_sums[name] = iv.domain_sums.get(name, 0.0) + s
+            iv.domain_tokens[name] = iv.domain_tokens.get(name, 0.0) + n
+        self.skipped_total = skipped_total
+        record = dict(step=step, loss=result.loss, lr=lr, grad_norm=result.grad_norm,
+                      skipped=result.skipped, skipped_total=skipped_total,
+                      loss_tokens=result.loss_tokens, step_time=seconds,
+                      domain_loss={k: s / n for k, (s, n) in names.items() if n})
+        if self.jsonl:
+            self.jsonl.write(json.dumps(record) + "\n")
+            self.jsonl.flush()
+        if step % self.cfg.logging.log_interval and step != self.total_steps:
+            return None
+        return self._flush(step, lr, result.grad_norm)
+
+    def _domains(self, result) -> dict:
+        if not result.domain_loss_sums:
+            return {}
+        return {name: (s, n) for name, s, n in
+                zip(self.domain_names, result.domain_loss_sums, result.domain_tokens) if n}
+
+    def _flush(self, step: int, lr: float, grad_norm: Optional[float]) -> Optional[str]:
+        iv, self.interval = self.interval, _Interval()
+        step_time = iv.time / max(iv.steps, 1)
+        tok_s = iv.tokens / max(iv.time, 1e-9)
+        tflops = iv.flops / max(iv.time, 1e-9) / 1e12
+        mfu = tflops / self.peak if self.peak else None
+        loss = iv.loss_sum / iv.loss_steps if iv.loss_steps else float("nan")
+        mem_kind, mem = memory_gib()
+        eta = step_time * (self.total_steps - step)
+        if not self.is_writer:
+            return None
+        line = (f"step {step}/{self.total_steps} | loss {loss:.4f} | lr {lr:.3e} | "
+                f"grad norm {grad_norm if grad_norm is not None else float('nan'):.3f} | "
+                f"{tok_s:,.0f} tok/s/GPU | {tflops:.2f} TFLOP/s/GPU | "
+                f"MFU {'n/a' if mfu is None else f'{100 * mfu:.1f}%'} | "
+                f"mem {mem:.2f} GiB ({mem_kind}) | {step_time:.2f} s/step | "
+                f"skipped {self.skipped_total} | ETA {format_eta(eta)}")
+        if self.tb:
+            scalars = {"train/loss": loss, "train/lr": lr, "train/step_time_s": step_time,
+                       "throughput/tokens_per_s_per_gpu": tok_s,
+                       "throughput/tflops_per_gpu": tflops,
+                       f"memory/{mem_kind}_gib": mem, "train/skipped_steps": self.skipped_total}
+            if grad_norm is not None:
+                scalars["train/grad_norm"] = grad_norm
+            if mfu is not None:
+                scalars["throughput/mfu"] = mfu
+            for name, s in iv.domain_sums.items():
+                if iv.domain_tokens[name]:
+                    scalars[f"loss_by_domain/{name}"] = s / iv.domain_tokens[name]
+            for key, value in scalars.items():
+                if value is not None and np.isfinite(value):
+                    self.tb.add_scalar(key, value, step)
+            self.tb.flush()
+        return line
+
+    def close(self) -> None:
+        if self.tb:
+            self.tb.close()
+        if self.jsonl:
+            self.jsonl.close()

@@ -1,0 +1,140 @@
+"""Bodies of the multi-process training-loop tests; run on every rank by tests/distributed.py."""
+from __future__ import annotations
+
+import os
+
+import torch
+
+BASE = ["model.preset=tiny", "training.seq_length=256", "training.global_batch_size=2",
+        "training.train_steps=6", "data.kind=synthetic", "optimizer.lr=3e-3",
+        "training.device=cpu", "training.precision=fp32", "logging.tensorboard=false",
+        "training.loss_chunk_size=100", "checkpoint.keep_last=2"]
+
+
+def run(overrides, **kwargs):
+    """One training run in this (already initialised) process group."""
+    from megatron_prolong.config import load_config, validate
+    from megatron_prolong.training.loop import train
+    from megatron_prolong.training.parallel import destroy_model_parallel, init_model_parallel
+
+    cfg = load_config(None, BASE + overrides)
+    layout = validate(cfg, torch.distributed.get_world_size())
+    init_model_parallel(layout, cfg.training.seed)
+    try:
+        return train(cfg, _runtime(), layout, **kwargs)
+    finally:
+        destroy_model_parallel()
+
+
+def _runtime():
+    from megatron_prolong.training.parallel import init_distributed
+
+    return init_distributed("cpu")
+
+
+def _latest(run_dir):
+    with open(os.path.join(run_dir, "checkpoints", "latest")) as f:
+        return f.read().strip()
+
+
+class NaNInjector:
+    """Makes the model's output NaN at chosen steps (a forward hook on the final norm)."""
+
+    def __init__(self, steps):
+        self.steps, self.next_step, self.installed = set(steps), 1, False
+
+    def __call__(self, step, result, state, batches):
+        if not self.installed:
+            norm = state.model[0].module.decoder.final_layernorm
+            norm.register_forward_hook(
+                lambda m, i, o: o * float("nan") if self.next_step in self.steps else o)
+            self.installed = True
+        self.next_step = step + 1
+
+
+def single_process_cases(root):
+    """Exact resume, preemption, atomic save and NaN handling on one CPU process."""
+    import signal
+
+    from megatron_prolong.training import checkpoint as ckpt_mod
+    from megatron_prolong.training.loop import TrainingDiverged
+
+    _runtime()
+    out = {}
+    d = lambda name: f"run_dir={os.path.join(root, name)}"  # noqa: E731
+    out["straight"] = run([d("straight")]).losses
+
+    # Stop after step 3 (as a time-limited job would), then relaunch: resumes at step 4.
+    first = run([d("stopped"), "training.exit_at_step=3"])
+    second = run([d("stopped")])
+    out["stopped"] = (first.stop_reason, first.losses, second.resumed_from, second.losses)
+
+    # Preemption: SIGUSR1 arrives during step 2; the run saves and exits cleanly.
+    def preempt(step, *_):
+        if step == 2:
+            os.kill(os.getpid(), signal.SIGUSR1)
+    first = run([d("preempted")], step_hook=preempt)
+    latest_after = _latest(os.path.join(root, "preempted"))
+    second = run([d("preempted")])
+    out["preempted"] = (first.stop_reason, first.final_step, latest_after, second.losses)
+
+    # A crash inside the save at step 4 leaves `latest` on step 2, which loads and resumes.
+    original = ckpt_mod.CheckpointManager._write_rank_files
+
+    def crash(self, tmp, progress):
+        if progress.step == 4:
+            raise OSError("simulated crash in the middle of writing a checkpoint")
+        return original(self, tmp, progress)
+    ckpt_mod.CheckpointManager._write_rank_files = crash
+    try:
+        run([d("crashed"), "checkpoint.save_interval=2"])
+        crashed = "no crash"
+    except OSError as exc:
+        crashed = str(exc)
+    finally:
+        ckpt_mod.CheckpointManager._write_rank_files = original
+    crash_dir = os.path.join(root, "crashed", "checkpoints")
+    left = sorted(os.listdir(crash_dir))
+    resumed = run([d("crashed"), "checkpoint.save_interval=2"])
+    out["crashed"] = (crashed, left, resumed.resumed_from, resumed.losses,
+                      sorted(os.listdir(crash_dir)))
+
+    # NaN at steps 2-3: skipped and counted, weights untouched, training goes on.
+    checksums = {}
+    injector = NaNInjector({2, 3})
+
+    def record(step, result, state, batches):
+        injector(step, result, state, batches)
+        checksums[step] = sum(float(p.double().sum()) for p in state.model[0].parameters())
+    skipped = run([d("nan"), "training.max_nan_steps=3"], step_hook=record)
+    out["nan"] = (skipped.losses, checksums)
+
+    # NaN from step 3 on with max_nan_steps=2: stops at step 4, keeps the step-2 checkpoint.
+    try:
+        run([d("diverged"), "training.max_nan_steps=2", "checkpoint.save_interval=1"],
+            step_hook=NaNInjector({3, 4, 5, 6}))
+        out["diverged"] = ("no error", None)
+    except TrainingDiverged as exc:
+        out["diverged"] = (str(exc), _latest(os.path.join(root, "diverged")))
+    return out
+
+
+def resharding_cases(root):
+    """Save at TP2 x PP2, continue at TP1 (DP=4): same losses; stage-2 style reset_schedule."""
+    _runtime()
+    src = os.path.join(root, "tp2pp2")
+    four = ["training.global_batch_size=4"]
+    a = run(four + [f"run_dir={src}", "parallel.tensor=2", "parallel.pipeline=2",
+                    "checkpoint.save_interval=2", "checkpoint.keep_last=5"])
+    b = run(four + [f"run_dir={os.path.join(root, 'tp1')}",
+                    f"checkpoint.load={os.path.join(src, 'checkpoints', 'step_00000002')}"])
+    adam_steps = {}
+
+    def adam_step(step, result, state, batches):
+        opt = state.optimizer
+        inner = getattr(opt, "chained_optimizers", [opt])[0].optimizer
+        adam_steps[step] = max(float(s["step"]) for s in inner.state.values())
+    c = run(four + [f"run_dir={os.path.join(root, 'stage2')}", "parallel.tensor=2",
+                    f"checkpoint.load={src}", "checkpoint.reset_schedule=true",
+                    "training.train_steps=2"], step_hook=adam_step)
+    return {"tp2pp2": a.losses, "tp1": b.losses, "stage2": (c.losses, c.final_step, adam_steps)}
