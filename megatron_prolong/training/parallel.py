@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import datetime
 import os
-import socket
 from dataclasses import dataclass
 
 import torch
@@ -30,12 +29,6 @@ def resolve_device(requested: str) -> str:
     return requested
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def init_distributed(device: str = "auto", timeout_minutes: int = 30) -> Runtime:
     """Join the job torchrun/srun started (env:// rendezvous), or start a one-process one."""
     device = resolve_device(device)
@@ -45,15 +38,19 @@ def init_distributed(device: str = "auto", timeout_minutes: int = 30) -> Runtime
 
         enable_cpu_execution()
     if not dist.is_initialized():
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(free_port()))
         rank = int(os.environ.get("RANK", 0))
         world_size = int(os.environ.get("WORLD_SIZE", 1))
+        kwargs = {}
+        if world_size == 1 and "MASTER_PORT" not in os.environ:
+            # A lone process needs no rendezvous: an in-memory store avoids racing other
+            # processes on this machine for a TCP port.
+            kwargs["store"] = dist.HashStore()
         dist.init_process_group(
             backend="gloo" if on_cpu else "nccl",
             rank=rank,
             world_size=world_size,
             timeout=datetime.timedelta(minutes=timeout_minutes),
+            **kwargs,
         )
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if on_cpu:
