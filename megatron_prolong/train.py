@@ -26,7 +26,7 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     parser.add_argument("--nodes", type=int, default=1)
     parser.add_argument("--gpus-per-node", type=int, default=8)
     parser.add_argument("--gpu", default="h100", help="h100 (80 GB) or h200 (141 GB)")
-    ns = parser.parse_args(argv)
+    ns = parser.parse_intermixed_args(argv)
     recipes = [a for a in ns.args if "=" not in a]
     if len(recipes) > 1:
         parser.error(f"more than one recipe given: {recipes}")

@@ -74,3 +74,11 @@ def test_resharded_load_and_schedule_reset(tmp_path):
         assert final_step == 2 and sorted(losses) == [1, 2]
         # Optimizer state came along (Adam's step count continues from 6), schedule restarted.
         assert adam_steps == {1: 7.0, 2: 8.0}
+
+
+@pytest.mark.slow
+def test_weights_only_checkpoint_initialises_a_run(single):
+    source, losses = single["from_weights"]
+    assert source.endswith("weights") and sorted(losses) == [1]
+    # Same first batch as the straight run, but with its trained weights: a lower loss.
+    assert losses[1] < single["straight"][1] - 0.05

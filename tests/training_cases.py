@@ -62,7 +62,17 @@ def single_process_cases(root):
     _runtime()
     out = {}
     d = lambda name: f"run_dir={os.path.join(root, name)}"  # noqa: E731
-    out["straight"] = run([d("straight")]).losses
+    weights_dir = os.path.join(root, "weights")
+
+    def export_weights(step, result, state, batches):
+        if step == 6:
+            from megatron_prolong.training.weights import save_model_weights
+
+            save_model_weights(state.model, weights_dir)
+    out["straight"] = run([d("straight")], step_hook=export_weights).losses
+    # A bare weights directory (what tools/convert.py hf-to-mcore writes) initialises a run.
+    init = run([d("from_weights"), f"checkpoint.load={weights_dir}", "training.train_steps=1"])
+    out["from_weights"] = (init.resumed_from, init.losses)
 
     # Stop after step 3 (as a time-limited job would), then relaunch: resumes at step 4.
     first = run([d("stopped"), "training.exit_at_step=3"])

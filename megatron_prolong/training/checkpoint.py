@@ -175,9 +175,19 @@ class CheckpointManager:
                                load_rng=load_rng)
 
 
+def is_weights_only(directory: str) -> bool:
+    """A bare dist_checkpointing directory of model weights (tools/convert.py hf-to-mcore,
+    training/weights.save_model_weights): no optimizer, no training state."""
+    return (os.path.exists(os.path.join(directory, "metadata.json"))
+            and not os.path.exists(os.path.join(directory, "train_state.json")))
+
+
 def resolve_checkpoint(path: str, must_exist: bool = True) -> Optional[str]:
-    """A checkpoint directory from a run dir, a save dir (its `latest`) or a step directory."""
+    """A checkpoint directory from a run dir, a save dir (its `latest`), a step directory or a
+    weights-only directory."""
     path = os.path.abspath(path)
+    if is_weights_only(path):
+        return path
     for candidate in (path, os.path.join(path, "checkpoints")):
         if os.path.exists(os.path.join(candidate, "train_state.json")):
             return candidate
@@ -206,6 +216,12 @@ def load_checkpoint(model: list, optimizer, directory: str, *, load_optimizer: b
                     load_rng: bool = True) -> Progress:
     """Collective. Loads model (and optimizer) state into the current layout, resharding
     TP/PP as needed; RNG states only when the layout is the one that saved them."""
+    if is_weights_only(directory):
+        from megatron_prolong.training.weights import load_model_weights
+
+        load_model_weights(model, directory)
+        optimizer.reload_model_params()  # fp32 main copies follow the loaded weights
+        return Progress()
     progress = read_progress(directory)
     state = dist_checkpointing.load(
         _sharded_state(model, optimizer, load_optimizer, True), os.path.join(directory, "dist"))

@@ -22,6 +22,7 @@ from megatron_prolong.config import Layout, RunConfig, save_config
 from megatron_prolong.training.checkpoint import (
     CheckpointManager,
     Progress,
+    is_weights_only,
     load_checkpoint,
     resolve_checkpoint,
 )
@@ -96,8 +97,9 @@ def restore(cfg: RunConfig, state: TrainState, layout: Layout,
         source = resolve_checkpoint(cfg.checkpoint.load)
         loaded = load_checkpoint(state.model, state.optimizer, source,
                                  load_optimizer=cfg.checkpoint.load_optimizer, load_rng=False)
-        what = "weights + optimizer state" if cfg.checkpoint.load_optimizer else "weights"
-        if cfg.checkpoint.reset_schedule:
+        weights_only = is_weights_only(source) or not cfg.checkpoint.load_optimizer
+        what = "weights" if weights_only else "weights + optimizer state"
+        if cfg.checkpoint.reset_schedule or is_weights_only(source):
             _print0(f"initialised {what} from {source}; LR schedule and data restart at step 0")
             return fresh, source
         loaded.layout = asdict(layout)

