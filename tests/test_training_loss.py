@@ -91,3 +91,15 @@ def test_chunked_loss_under_tensor_parallelism():
         assert rank_result["hidden_grad"] <= 1e-5, rank_result
         assert rank_result["weight_grad"] <= 1e-5, rank_result
         assert max(rank_result["model"]) <= 1e-5, rank_result
+
+
+def test_masked_token_loss_reports_per_domain_sums():
+    from megatron_prolong.training.step import masked_token_loss
+
+    per_token = torch.tensor([[1.0, 2.0, 3.0, 4.0, 5.0, 6.0]])
+    mask = torch.tensor([[1.0, 1.0, 0.0, 1.0, 1.0, 0.0]])
+    domains = torch.tensor([[0, 0, 0, 1, 1, 1]])
+    loss_sum, count, report = masked_token_loss(mask, per_token, domain_ids=domains,
+                                                num_domains=2)
+    assert float(loss_sum) == 12.0 and int(count) == 4  # a sum: divided by the global count later
+    assert report["domain loss"].tolist() == [3.0, 9.0, 2.0, 2.0]  # sums per domain, then counts
