@@ -86,7 +86,10 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
             if grad_hidden is not None:
                 grad_hidden[start:end] = torch.matmul(g, weight)
             if grad_weight is not None:
-                grad_weight.add_(torch.matmul(g.t(), h).float())
+                if h.dtype == grad_weight.dtype:  # accumulate in place: no [V/tp, h] temporary
+                    grad_weight.addmm_(g.t(), h)
+                else:
+                    grad_weight.add_(torch.matmul(g.t(), h))
             del grad_logits, g
         if grad_weight is not None:
             grad_weight = grad_weight.to(weight.dtype)
