@@ -66,8 +66,10 @@ def build_parser() -> argparse.ArgumentParser:
         description="Write an HF LlamaForCausalLM directory from a megatron-core distributed "
                     "checkpoint saved at any TP/PP layout.")
     m2h.add_argument("--checkpoint", required=True,
-                     help="the distributed checkpoint directory (holds metadata.json and .metadata; "
-                          "what save_model_weights or hf-to-mcore wrote)")
+                     help="a training run directory (its checkpoints/latest is used), a "
+                          "checkpoints/step_N directory, or a distributed checkpoint directory "
+                          "(holds metadata.json and .metadata: what save_model_weights or "
+                          "hf-to-mcore wrote)")
     m2h.add_argument("--out", required=True,
                      help="output HF directory (written as OUT.partial and renamed when complete)")
     m2h.add_argument("--model-config", default=None,

@@ -22,12 +22,32 @@ from megatron_prolong.convert.mcore_io import check_checkpoint_dir, read_regions
 MODEL_PREFIXES = ("embedding.", "decoder.", "output_layer.")
 
 
+def resolve_checkpoint(path: str) -> str:
+    """A training run directory, its checkpoints/ directory or a step_N directory -> the
+    distributed checkpoint inside (the `latest` pointer decides which step)."""
+    here = os.path.abspath(path)
+    for _ in range(3):
+        if os.path.isfile(os.path.join(here, "checkpoints", "latest")):
+            here = os.path.join(here, "checkpoints")
+        if os.path.isfile(os.path.join(here, "latest")):
+            with open(os.path.join(here, "latest")) as f:
+                here = os.path.join(here, f.read().strip())
+        elif os.path.isdir(os.path.join(here, "dist")):
+            here = os.path.join(here, "dist")
+        else:
+            break
+    return here
+
+
 def find_model_config(checkpoint: str) -> str:
     """model.yaml written by hf-to-mcore, else the run's resolved config.yaml nearby."""
     here = os.path.abspath(checkpoint)
     candidates = [os.path.join(here, "model.yaml"), os.path.join(here, "config.yaml"),
                   os.path.join(os.path.dirname(here), "config.yaml"),
-                  os.path.join(os.path.dirname(os.path.dirname(here)), "config.yaml")]
+                  os.path.join(os.path.dirname(os.path.dirname(here)), "config.yaml"),
+                  # a training run's run_dir/checkpoints/step_N/dist
+                  os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(here))),
+                               "config.yaml")]
     for path in candidates:
         if os.path.isfile(path):
             return path
@@ -59,6 +79,7 @@ def mcore_to_hf(checkpoint: str, out_dir: str, *, model_config: Optional[str] = 
                 dtype: Optional[torch.dtype] = None, tokenizer_dir: Optional[str] = None,
                 hf_config: Optional[str] = None, max_shard_size: str = "5GB",
                 overwrite: bool = False) -> dict:
+    checkpoint = resolve_checkpoint(checkpoint)
     check_checkpoint_dir(checkpoint)
     model = load_model_section(model_config or find_model_config(checkpoint))
     overrides = {}
