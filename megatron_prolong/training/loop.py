@@ -181,4 +181,14 @@ def train(cfg: RunConfig, runtime: Runtime, layout: Layout,
     finally:
         metrics.close()
         sys.stdout.flush()
+    if result.stop_reason == "done" and progress.step >= total:
+        if result.losses:
+            steps = sorted(result.losses)
+            _print0(f"finished {cfg.name} at step {total}: loss {result.losses[steps[0]]:.4f} "
+                    f"(step {steps[0]}) -> {result.losses[steps[-1]]:.4f} (step {steps[-1]}); "
+                    f"checkpoint {last_saved}; logs in {cfg.run_dir}")
+        else:
+            _print0(f"nothing to do: {cfg.run_dir} is already complete at step {total} "
+                    f"(checkpoint {last_saved}); pass run_dir=... or raise the step budget to "
+                    "train further")
     return result
