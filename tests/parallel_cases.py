@@ -26,6 +26,16 @@ def synthetic_packed_rows(n: int, seq_length: int, vocab: int, seed: int) -> lis
     return rows
 
 
+def setup_from_shared_weights(cfg, runtime, weights_dir: str, first: bool):
+    """This layout's groups, model and optimizer, all starting from one set of weights: the
+    first layout saves its random initialisation, later layouts load it (resharded)."""
+    layout = validate(cfg, runtime.world_size)
+    init_model_parallel(layout, cfg.training.seed)
+    state = setup_training(cfg, runtime, layout)
+    (save_model_weights if first else load_model_weights)(state.model, weights_dir)
+    return layout, state
+
+
 def losses_across_layouts(layouts, steps, overrides, weights_dir):
     """Train from the same weights under each (tp, pp) layout; return the per-step losses."""
     rt = init_distributed("cpu")
@@ -35,13 +45,7 @@ def losses_across_layouts(layouts, steps, overrides, weights_dir):
                                      base.model.vocab_size, seed=100)] * steps  # same batch: loss must fall
     for i, (tp, pp) in enumerate(layouts):
         cfg = load_config(None, overrides + [f"parallel.tensor={tp}", f"parallel.pipeline={pp}"])
-        layout = validate(cfg, rt.world_size)
-        init_model_parallel(layout, cfg.training.seed)
-        state = setup_training(cfg, rt, layout)
-        if i == 0:
-            save_model_weights(state.model, weights_dir)
-        else:
-            load_model_weights(state.model, weights_dir)
+        layout, state = setup_from_shared_weights(cfg, rt, weights_dir, first=i == 0)
         dp_rank = parallel_state.get_data_parallel_rank()
         per_rank = layout.num_microbatches
         losses = []

@@ -105,23 +105,16 @@ def train_under_layouts(layouts, overrides, weights_dir, device="cpu", check_uly
     key=value overrides); return {layout: losses, loss tokens, full gradients of step 1}."""
     from megatron.core import parallel_state as ps
 
-    from megatron_prolong.config import load_config, validate
-    from megatron_prolong.training.parallel import (destroy_model_parallel, init_distributed,
-                                                    init_model_parallel)
-    from megatron_prolong.training.step import setup_training, train_step
-    from megatron_prolong.training.weights import load_model_weights, save_model_weights
+    from megatron_prolong.config import load_config
+    from megatron_prolong.training.parallel import destroy_model_parallel, init_distributed
+    from megatron_prolong.training.step import train_step
+    from parallel_cases import setup_from_shared_weights
 
     rt = init_distributed(device)
     results = {"ulysses": ulysses_matches_full_attention() if check_ulysses else {}}
     for i, layout_overrides in enumerate(layouts):
         cfg = load_config(None, list(overrides) + list(layout_overrides))
-        layout = validate(cfg, rt.world_size)
-        init_model_parallel(layout, cfg.training.seed)
-        state = setup_training(cfg, rt, layout)
-        if i == 0:
-            save_model_weights(state.model, weights_dir)
-        else:
-            load_model_weights(state.model, weights_dir)
+        layout, state = setup_from_shared_weights(cfg, rt, weights_dir, first=i == 0)
         rows = cp_rows(cfg.training.seq_length, cfg.model.vocab_size)
         per = layout.num_microbatches
         dp_rank = ps.get_data_parallel_rank()

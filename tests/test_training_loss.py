@@ -55,7 +55,7 @@ def _tp2_case():
     from megatron_prolong.model.llama import build_llama
     from megatron_prolong.training.parallel import init_distributed, init_model_parallel
 
-    rt = init_distributed("cpu")
+    init_distributed("cpu")
     init_model_parallel(Layout(2, 2, 1, 1, 1, 1), seed=7)
     rank = parallel_state.get_tensor_model_parallel_rank()
     group = parallel_state.get_tensor_model_parallel_group()

