@@ -61,6 +61,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 2
     try:
         train(cfg, runtime, layout)
+    except ConfigError as exc:  # found once data or checkpoints are opened
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     except TrainingDiverged as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 3

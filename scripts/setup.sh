@@ -6,6 +6,7 @@
 # a several-GB CUDA build to satisfy megatron-core's `torch` requirement). On a GPU cluster, use
 # the NGC PyTorch container or install torch for your CUDA, then `pip install -e .[gpu]`.
 set -euo pipefail
+export PIP_ROOT_USER_ACTION=ignore
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 TORCH_CPU_VERSION=${TORCH_CPU_VERSION:-2.13.0}

@@ -57,3 +57,11 @@ def test_bad_override_exits_2_with_the_field_name(tmp_path):
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 2
     assert "training.loss_chunk_size=-1" in out.stderr
+
+
+def test_tokenizer_that_does_not_fit_the_model_is_refused(tmp_path):
+    # The demo's byte tokenizer has 512 ids; a 1024-row embedding means the wrong tokenizer.
+    out = subprocess.run(_cmd(tmp_path, "model.vocab_size=1024"), cwd=REPO,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert "data.tokenizer='byte' vs model.vocab_size=1024" in out.stderr

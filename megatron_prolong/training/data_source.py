@@ -106,6 +106,20 @@ def _data_config(cfg: RunConfig, options: Optional[dict] = None, **extra):
     return DataConfig(**args)
 
 
+def tokenizer_for_model(cfg: RunConfig, data_cfg):
+    """The run's tokenizer, refused early when its vocabulary does not fit the model's."""
+    from megatron_prolong.data.tokenizer import (TokenizerMismatchError, build_tokenizer,
+                                                 check_tokenizer_matches_model)
+
+    tokenizer = build_tokenizer(data_cfg.tokenizer_kind, data_cfg.tokenizer_path)
+    try:
+        check_tokenizer_matches_model(tokenizer, cfg.model.vocab_size)
+    except TokenizerMismatchError as err:
+        raise ConfigError(f"data.tokenizer={data_cfg.tokenizer_kind!r} vs model.vocab_size="
+                          f"{cfg.model.vocab_size}: {err}") from None
+    return tokenizer
+
+
 def demo_corpus_dir(cfg: RunConfig) -> str:
     return cfg.data.options.get("corpus_dir") or os.path.join(cfg.run_dir, "demo_corpus")
 
@@ -123,7 +137,9 @@ def _build_demo(cfg: RunConfig, rank: int):
         domains = holder[0]
     options = {k: v for k, v in cfg.data.options.items() if k != "corpus_dir"}
     data_cfg = _data_config(cfg, options, tokenizer_kind="byte", mixture=None, domains=domains)
-    return build_pretraining_dataset(data_cfg, cfg.training.seq_length), [d.name for d in domains]
+    dataset = build_pretraining_dataset(data_cfg, cfg.training.seq_length,
+                                        tokenizer=tokenizer_for_model(cfg, data_cfg))
+    return dataset, [d.name for d in domains]
 
 
 def build_data_source(cfg: RunConfig, layout: Layout, dp_rank: int, consumed_samples: int = 0,
@@ -143,7 +159,8 @@ def build_data_source(cfg: RunConfig, layout: Layout, dp_rank: int, consumed_sam
             raise ConfigError(f"data.kind={kind}: set data.mixture to a mixture YAML "
                               "(see examples/mixtures/)")
         data_cfg = _data_config(cfg, **({"mode": "sft"} if kind == "sft" else {}))
-        dataset = build_pretraining_dataset(data_cfg, cfg.training.seq_length)
+        dataset = build_pretraining_dataset(data_cfg, cfg.training.seq_length,
+                                            tokenizer=tokenizer_for_model(cfg, data_cfg))
         names = dataset.domain_names
     else:
         raise ConfigError(f"data.kind={kind!r}: choose one of {', '.join(KINDS)}")
