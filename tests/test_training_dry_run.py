@@ -53,3 +53,9 @@ def test_cli_exit_codes():
     assert too_big.returncode == 4 and "fits on H100 (79.6 GiB): NO" in too_big.stdout
     bad = subprocess.run(cmd + ["parallel.tensor=3"], capture_output=True, text=True)
     assert bad.returncode == 2 and "parallel.tensor=3" in bad.stderr
+
+
+def test_single_gpu_benchmark_recipe_fits_one_h100():
+    report, fits = dry_run_report(load_config("examples/bench_64k_1gpu.yaml"), 1, 1, "h100")
+    assert fits, report
+    assert "TP=1 PP=1 CP=1 DP=1" in report and "2.80B parameters" in report
