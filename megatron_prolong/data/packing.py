@@ -92,37 +92,28 @@ def collate_packed(samples: list[PackedSample], pad_to_multiple_of: int = 1) -> 
     if not samples:
         raise ValueError("collate_packed needs at least one sample")
     tokens = np.concatenate([s.tokens for s in samples])
-    labels = np.concatenate([s.labels for s in samples])
     loss_mask = np.concatenate([s.loss_mask for s in samples])
     lens = np.concatenate([np.diff(s.cu_seqlens.astype(np.int64)) for s in samples])
     cu = np.zeros(len(lens) + 1, dtype=np.int64)
     np.cumsum(lens, out=cu[1:])
-    cu_padded = None
-    if pad_to_multiple_of > 1:
-        m = pad_to_multiple_of
-        plens = (lens + m - 1) // m * m
-        cu_padded = np.zeros(len(lens) + 1, dtype=np.int64)
-        np.cumsum(plens, out=cu_padded[1:])
-        dest = np.repeat(cu_padded[:-1] - cu[:-1], lens) + np.arange(len(tokens))
-        # A sample's last position is always a segment end, whose label is pad_id.
-        pad_id = int(samples[0].labels[-1])
-        total = int(cu_padded[-1])
-        t2 = np.full(total, pad_id, dtype=np.int64)
-        l2 = np.full(total, pad_id, dtype=np.int64)
-        m2 = np.zeros(total, dtype=np.float32)
-        t2[dest], l2[dest], m2[dest] = tokens, labels, loss_mask
-        tokens, labels, loss_mask = t2, l2, m2
-        max_seqlen = int(plens.max())
-    else:
-        max_seqlen = int(lens.max())
-    return {
+    batch = {
         "tokens": torch.from_numpy(tokens).unsqueeze(0),
-        "labels": torch.from_numpy(labels).unsqueeze(0),
+        "labels": torch.from_numpy(np.concatenate([s.labels for s in samples])).unsqueeze(0),
         "loss_mask": torch.from_numpy(loss_mask).unsqueeze(0),
         "cu_seqlens": torch.from_numpy(cu.astype(np.int32)),
-        "cu_seqlens_padded": (torch.from_numpy(cu_padded.astype(np.int32))
-                              if cu_padded is not None else None),
-        "max_seqlen": max_seqlen,
+        "cu_seqlens_padded": None,
+        "max_seqlen": int(lens.max()),
         "domains": [s.domain for s in samples],
         "num_loss_tokens": int(loss_mask.sum()),
     }
+    if pad_to_multiple_of > 1:
+        # The one padding routine, shared with the train step's context-parallel layout.
+        from megatron_prolong.model.context_parallel import pad_documents
+
+        # A sample's last position is always a segment end, whose label is pad_id.
+        pad_id = int(samples[0].labels[-1])
+        batch = pad_documents(batch, pad_to_multiple_of,
+                              fill={"tokens": pad_id, "labels": pad_id})
+        if batch["cu_seqlens_padded"] is None:  # every document already a multiple
+            batch["cu_seqlens_padded"] = batch["cu_seqlens"].clone()
+    return batch

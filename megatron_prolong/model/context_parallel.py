@@ -42,12 +42,12 @@ def _per_token_keys(batch: dict) -> list[str]:
             if isinstance(v, torch.Tensor) and v.dim() == 2 and v.shape[1] == t]
 
 
-def pad_documents(batch: dict, multiple: int) -> dict:
+def pad_documents(batch: dict, multiple: int, fill: Optional[dict] = None) -> dict:
     """Pad every document of a packed row at its end to a multiple of `multiple`.
 
     Returns the batch unchanged when its layout already satisfies the rule. Pad positions of
-    every per-token tensor get 0 (token 0, label 0, loss_mask 0); they sit after each
-    document's last token, so causal attention never lets a real token see them.
+    every per-token tensor get `fill[key]` (default 0: token 0, label 0, loss_mask 0); they sit
+    after each document's last token, so causal attention never lets a real token see them.
     `cu_seqlens` keeps the true lengths, `cu_seqlens_padded` the padded ones (megatron-core's
     PackedSeqParams convention).
     """
@@ -68,7 +68,7 @@ def pad_documents(batch: dict, multiple: int) -> dict:
     total = int(cu_pad[-1])
     for key in _per_token_keys(batch):
         x = batch[key]
-        y = x.new_zeros(x.shape[0], total)
+        y = x.new_full((x.shape[0], total), (fill or {}).get(key, 0))
         y[:, dst.to(x.device)] = x[:, src.to(x.device)]
         out[key] = y
     out["cu_seqlens_padded"] = cu_pad.to(torch.int32)
