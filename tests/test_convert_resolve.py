@@ -8,6 +8,8 @@ def test_run_directory_resolves_to_latest_dist_checkpoint(tmp_path):
     run = tmp_path / "run"
     for step in ("step_00000010", "step_00000020"):
         (run / "checkpoints" / step / "dist").mkdir(parents=True)
+        (run / "checkpoints" / step / "dist" / "metadata.json").write_text("{}")
+        (run / "checkpoints" / step / "train_state.json").write_text("{}")
     (run / "checkpoints" / "latest").write_text("step_00000020\n")
     (run / "config.yaml").write_text("model: {preset: tiny}\n")
     want = os.path.join(str(run), "checkpoints", "step_00000020", "dist")

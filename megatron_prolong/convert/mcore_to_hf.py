@@ -24,19 +24,14 @@ MODEL_PREFIXES = ("embedding.", "decoder.", "output_layer.")
 
 def resolve_checkpoint(path: str) -> str:
     """A training run directory, its checkpoints/ directory or a step_N directory -> the
-    distributed checkpoint inside (the `latest` pointer decides which step)."""
-    here = os.path.abspath(path)
-    for _ in range(3):
-        if os.path.isfile(os.path.join(here, "checkpoints", "latest")):
-            here = os.path.join(here, "checkpoints")
-        if os.path.isfile(os.path.join(here, "latest")):
-            with open(os.path.join(here, "latest")) as f:
-                here = os.path.join(here, f.read().strip())
-        elif os.path.isdir(os.path.join(here, "dist")):
-            here = os.path.join(here, "dist")
-        else:
-            break
-    return here
+    distributed checkpoint inside (the `latest` pointer decides which step); a bare
+    distributed checkpoint directory is returned as it is."""
+    from megatron_prolong.training.checkpoint import resolve_checkpoint as resolve_training
+
+    step = resolve_training(path, must_exist=False)
+    if step is not None and os.path.isdir(os.path.join(step, "dist")):
+        return os.path.join(step, "dist")
+    return os.path.abspath(path)
 
 
 def find_model_config(checkpoint: str) -> str:
