@@ -70,6 +70,11 @@ def test_inspect_demo_recipe_matches_the_loader(tmp_path, capsys):
     assert sum(c for _, _, c in hist) == len(lengths)
     assert "|| doc 0 |" in out and "<|end_of_text|>" in out
 
+    try:
+        import matplotlib  # noqa: F401  (the optional `plots` extra)
+    except ImportError:
+        assert "charts skipped: matplotlib is not installed" in out
+        return
     for name in ("document_lengths.png", "attention_cost.png"):
         with open(os.path.join(run_dir, "inspect", name), "rb") as f:
             assert f.read(8) == b"\x89PNG\r\n\x1a\n"

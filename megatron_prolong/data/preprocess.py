@@ -207,9 +207,9 @@ def sort_key_order(value: Any) -> tuple:
 
 
 class _GroupSpill:
-    """Tokens of grouped records on disk; in memory a fixed 8-16 bytes per record (group id,
-    length, sort-key offset: no strings) plus one dict entry per group. Sort keys are spilled
-    too and read back one group at a time."""
+    """Tokens of grouped records on disk; in memory a fixed 8-16 bytes per record while reading
+    (group id, length, sort-key offset: no strings; 24-32 while emitting) plus one dict entry
+    per group. Sort keys are spilled too and read back one group at a time."""
 
     def __init__(self, path: str, with_sort_keys: bool) -> None:
         self.path, self.keys_path = path, path + ".keys"
