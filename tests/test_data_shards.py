@@ -207,3 +207,22 @@ def test_bad_shard_spec_is_a_usage_error(tmp_path, bad, capsys):
     assert PREPROCESS.main(["--input", f, "--output-prefix", str(tmp_path / "o"),
                             "--tokenizer", "byte", f"--shard={bad}"]) == 2
     assert "--shard" in capsys.readouterr().err
+
+
+def test_merge_any_datasets_in_order_and_refuse_mixed_kinds(tmp_path, capsys):
+    a = _write(str(tmp_path / "a.jsonl"), [{"text": f"alpha {i}"} for i in range(3)])
+    b = _write(str(tmp_path / "b.jsonl"), [{"text": f"beta {i}"} for i in range(2)])
+    chat = _write(str(tmp_path / "c.jsonl"), [{"messages": [
+        {"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}])
+    for src, out, extra in ((a, "A", []), (b, "B", []), (chat, "C", ["--sft"])):
+        assert PREPROCESS.main(["--input", src, "--output-prefix", str(tmp_path / out),
+                                "--tokenizer", "byte", "--quiet", *extra]) == 0
+    assert MERGE.main(["--input", str(tmp_path / "A"), str(tmp_path / "B"),
+                       "--output-prefix", str(tmp_path / "AB")]) == 0
+    ab = DocumentStore(str(tmp_path / "AB"))
+    assert [TOK.decode(ab.tokens(i)[:-1].tolist()) for i in range(len(ab))] == \
+        [f"alpha {i}" for i in range(3)] + [f"beta {i}" for i in range(2)]
+    assert json.load(open(str(tmp_path / "AB.stats.json")))["docs_kept"] == 5
+    assert MERGE.main(["--input", str(tmp_path / "A"), str(tmp_path / "C"),
+                       "--output-prefix", str(tmp_path / "AC")]) == 2
+    assert "loss mask" in capsys.readouterr().err and not os.path.exists(str(tmp_path / "AC.bin"))

@@ -139,10 +139,6 @@ def merge_datasets(inputs: Sequence[str], output_prefix: str, force: bool = Fals
     if not force and shards.is_complete(output_prefix, fingerprint):
         with open(output_prefix + ".stats.json") as f:
             return {**json.load(f), "skipped": True}
-    jobs = {m.get("job") for m in markers if m}
-    if len(jobs) > 1:
-        raise MergeError("the shards come from different preprocessing runs (their inputs or "
-                         "options differ); redo the stale ones with the same command line")
     parts = [_Part(p) for p in inputs]
     has_mask = [os.path.exists(get_idx_path(p + MASK_SUFFIX)) for p in inputs]
     if any(has_mask) and not all(has_mask):
@@ -210,4 +206,9 @@ def merge_shards(prefix: str, num_shards: Optional[int] = None,
         raise MergeError(f"{len(incomplete)} of {len(inputs)} shards of {prefix!r} are not "
                          f"complete (index {shown}); rerun those array tasks (complete shards "
                          "are skipped), then merge again")
+    jobs = {(shards.read_marker(p) or {}).get("job") for p in inputs}
+    if len(jobs) > 1:
+        raise MergeError(f"the shards of {prefix!r} come from different preprocessing runs "
+                         "(their inputs or options differ); redo the stale ones with the same "
+                         "command line")
     return merge_datasets(inputs, output_prefix, force)

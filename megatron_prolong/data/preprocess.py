@@ -300,6 +300,9 @@ def preprocess(cfg: PreprocessConfig) -> dict:
     if cfg.sft and cfg.group_key:
         raise ValueError("--group-key cannot be combined with --sft (conversations stay apart)")
     spec = shards.ShardSpec.parse(cfg.shard) if cfg.shard else None
+    if spec is not None and cfg.stats_path:
+        raise ValueError("--stats cannot be combined with --shard: each shard writes "
+                         "PREFIX.shard-I-of-N.stats.json and the merge joins them")
     all_files = _input_files(cfg)
     prefix = (shards.shard_prefix(cfg.output_prefix, spec.index, spec.count) if spec
               else cfg.output_prefix)
