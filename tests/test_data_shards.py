@@ -139,6 +139,7 @@ def _shard_cmd(files, prefix, shard):
             "--output-prefix", prefix, "--tokenizer", "byte", "--quiet", "--shard", shard]
 
 
+@pytest.mark.slow
 def test_killed_shard_is_redone_and_complete_one_skipped(tmp_path):
     text = "resume me " * 2000
     files = [_write(str(tmp_path / f"big{k}.jsonl"), [{"text": f"{k}.{i} {text}"}

@@ -153,8 +153,8 @@ def plot(directory, lengths, costs, domains, names, title, seq_length):
         ax.hist(lens, bins=edges, weights=np.full(len(lens), 1 / max(len(lens), 1)),
                 histtype="step", linewidth=1.6, label=f"{name} ({len(lens):,} documents)")
     ax.axvline(seq_length, color="grey", linestyle="--", linewidth=1)
-    ax.annotate(f"seq_length {seq_length:,}", (seq_length, 0.98), xycoords=("data", "axes fraction"),
-                ha="right", va="top", fontsize=8, color="grey", rotation=90)
+    ax.annotate(f"seq_length {seq_length:,}", (seq_length, 0.98), ha="right", va="top",
+                xycoords=("data", "axes fraction"), fontsize=8, color="grey", rotation=90)
     ax.set_xscale("log", base=2)
     ax.set(xlabel="document length (tokens)", ylabel="share of the domain's documents",
            title=f"{title}: document lengths per domain")
