@@ -63,8 +63,9 @@ case ${STEP} in
             --export="ALL,REPO_DIR=${REPO_DIR}" "${REPO_DIR}/slurm/preprocess.sh" \
             shard "${NUM_SHARDS}" "${PREFIX}" "$@")
         shard_job=${shard_job%%;*}   # --parsable prints "jobid[;cluster]"
-        merge_job=$(sbatch --parsable "${extra[@]}" --dependency="afterok:${shard_job}" \
-            --job-name=prolong-merge --cpus-per-task=2 --output="logs/%x-%j.out" \
+        # the merge copies files: 2 CPUs; SBATCH_ARGS come last so that they win
+        merge_job=$(sbatch --parsable --job-name=prolong-merge --cpus-per-task=2 \
+            --output="logs/%x-%j.out" "${extra[@]}" --dependency="afterok:${shard_job}" \
             --export="ALL,REPO_DIR=${REPO_DIR}" \
             "${REPO_DIR}/slurm/preprocess.sh" merge "${NUM_SHARDS}" "${PREFIX}")
         merge_job=${merge_job%%;*}
