@@ -13,6 +13,7 @@ recipe does not fit the GPU.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Optional
 
@@ -49,6 +50,10 @@ def main(argv: Optional[list[str]] = None) -> int:
             print(report)
             return 0 if fits else 4
         from megatron_prolong.config import validate
+
+        # Before megatron-core is imported or anything built: the world size the launcher
+        # (torchrun, srun) set, as init_distributed reads it.
+        layout = validate(cfg, int(os.environ.get("WORLD_SIZE", "1")))
         from megatron_prolong.training.loop import TrainingDiverged, train
         from megatron_prolong.training.parallel import (
             destroy_model_parallel,
@@ -57,7 +62,6 @@ def main(argv: Optional[list[str]] = None) -> int:
         )
 
         runtime = init_distributed(cfg.training.device)
-        layout = validate(cfg, runtime.world_size)
         init_model_parallel(layout, cfg.training.seed)
     except (ConfigError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
