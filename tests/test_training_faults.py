@@ -208,8 +208,7 @@ def test_latest_fallback_rules(tmp_path):
         d = save / f"step_{n:08d}"
         (d / "dist").mkdir(parents=True)
         (d / "train_state.json").write_text(json.dumps({"step": n}) if whole else "{trunc")
-        for name in ("metadata.json", ".metadata"):
-            (d / "dist" / name).write_text("{}")
+        (d / "dist" / "metadata.json").write_text("{}")
         return str(d)
     s1, s2, s3 = step(1), step(2), step(3, whole=False)
     (save / "latest").write_text("step_00000002\n")
@@ -221,7 +220,7 @@ def test_latest_fallback_rules(tmp_path):
     with pytest.raises(CheckpointError, match="is not a complete checkpoint"):
         resolve_checkpoint(s3)  # a step named directly is not silently swapped
     for d in (s1, s2):
-        os.remove(os.path.join(d, "dist", ".metadata"))
+        os.remove(os.path.join(d, "dist", "metadata.json"))
     (save / "latest").write_text("step_00000002\n")
     with pytest.raises(CheckpointError, match="no other complete step_\\* checkpoint"):
         resolve_checkpoint(str(tmp_path))
@@ -242,6 +241,19 @@ def test_non_positive_fields_are_refused_before_anything_is_built(tmp_path, over
     assert out.returncode == 2, out.stdout + out.stderr
     assert _error_lines(out) == [f"error: invalid configuration: {field}"]
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("override,needle", [
+    ("checkpoint.load={tmp}/no_such_checkpoint", "error: no checkpoint at {tmp}/no_such_checkpoint"),
+    ("data.mixture={tmp}/no_such_mixture.yaml",
+     "error: data.mixture={tmp}/no_such_mixture.yaml: [Errno 2] No such file or directory"),
+])
+def test_input_errors_after_start_up_are_one_line_exit_2(tmp_path, override, needle):
+    out = _train(tmp_path / "run", "data.kind=mixture", override.format(tmp=tmp_path))
+    assert out.returncode == 2, out.stdout + out.stderr
+    (line,) = _error_lines(out)
+    assert line.startswith(needle.format(tmp=tmp_path)), line
 
 
 def _write_dataset(prefix, docs, vocab_size=512):

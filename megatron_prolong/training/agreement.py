@@ -19,19 +19,24 @@ T = TypeVar("T")
 
 def on_all_ranks(check: Callable[[], T]) -> T:
     """Collective. `check()` must not itself run collectives (a rank that raised early would
-    never reach them). A ConfigError raised on any rank is raised on every rank."""
+    never reach them). A ConfigError raised on any rank is raised on every rank; any other
+    exception is re-raised where it happened and ends the other ranks with a RuntimeError
+    naming that rank (a crash with a traceback, but no hang)."""
     error, value = None, None
     try:
         value = check()
-    except ConfigError as exc:
+    except Exception as exc:  # noqa: BLE001 - every failure must reach the other ranks
         error = exc
     if dist.is_initialized() and dist.get_world_size() > 1:
+        mine = None if error is None else (isinstance(error, ConfigError), str(error))
         outcomes = [None] * dist.get_world_size()
-        dist.all_gather_object(outcomes, None if error is None else str(error))
-        first = next((rank for rank, msg in enumerate(outcomes) if msg is not None), None)
+        dist.all_gather_object(outcomes, mine)
+        first = next((rank for rank, outcome in enumerate(outcomes) if outcome), None)
         if error is None and first is not None:
-            error = ConfigError(f"{outcomes[first]} (found on rank {first})")
-        if error is not None:
+            is_config, message = outcomes[first]
+            error = (ConfigError(f"{message} (found on rank {first})") if is_config else
+                     RuntimeError(f"rank {first} failed at start-up: {message}"))
+        if isinstance(error, ConfigError):
             error.all_ranks = True  # train.py: rank 0 alone prints it
     if error is not None:
         raise error

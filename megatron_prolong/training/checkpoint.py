@@ -205,14 +205,13 @@ def _step_names(save_dir: str) -> list[str]:
 
 
 def is_complete(directory: str) -> bool:
-    """A step directory that a save finished and that nothing damaged since: readable
-    train_state.json and the distributed checkpoint's metadata present."""
+    """A step directory that a save finished and that nothing obviously damaged since:
+    readable train_state.json and the distributed checkpoint's metadata.json present."""
     try:
         read_progress(directory)
     except (OSError, ValueError, TypeError):
         return False
-    return all(os.path.isfile(os.path.join(directory, "dist", name))
-               for name in ("metadata.json", ".metadata"))
+    return os.path.isfile(os.path.join(directory, "dist", "metadata.json"))
 
 
 def _warn(message: str) -> None:
@@ -276,8 +275,11 @@ def stored_model_config(directory: str) -> Optional[ModelConfig]:
     for name in (STORED_CONFIG, "model.yaml"):
         path = os.path.join(directory, name)
         if os.path.isfile(path):
-            with open(path) as f:
-                raw = yaml.safe_load(f) or {}
+            try:
+                with open(path) as f:
+                    raw = yaml.safe_load(f) or {}
+            except (OSError, yaml.YAMLError) as exc:
+                raise CheckpointError(f"{path}: unreadable ({exc})") from None
             if isinstance(raw, dict) and isinstance(raw.get("model"), dict):
                 return config_from_dict({"model": raw["model"]}, where=path).model
     return None

@@ -136,12 +136,14 @@ def _build_demo(cfg: RunConfig, rank: int):
         dist.broadcast_object_list(holder, src=0)
         domains = holder[0]
     options = {k: v for k, v in cfg.data.options.items() if k != "corpus_dir"}
+    # The corpus was just written with this tokenizer: no token-id scan (reads still check).
     dataset = on_all_ranks(lambda: _open_datasets(
-        cfg, rank, options, tokenizer_kind="byte", mixture=None, domains=domains))
+        cfg, rank, options, scan=False, tokenizer_kind="byte", mixture=None, domains=domains))
     return dataset, [d.name for d in domains]
 
 
-def _open_datasets(cfg: RunConfig, rank: int, options: Optional[dict] = None, **data_args):
+def _open_datasets(cfg: RunConfig, rank: int, options: Optional[dict] = None, scan: bool = True,
+                   **data_args):
     """Open every dataset of the mixture; rank 0 also scans each file's largest token id
     (cached) and prints the rescaled mixture when the proportions do not sum to 1. Errors in
     the data become one-line ConfigErrors naming the file (train.py: exit 2)."""
@@ -157,7 +159,7 @@ def _open_datasets(cfg: RunConfig, rank: int, options: Optional[dict] = None, **
             if table:
                 print(table, flush=True)
         return build_pretraining_dataset(data_cfg, cfg.training.seq_length, tokenizer=tokenizer,
-                                         scan_token_ids=rank == 0)
+                                         scan_token_ids=scan and rank == 0)
     except ConfigError:
         raise
     except (DataFileError, ValueError, TypeError, OSError) as exc:

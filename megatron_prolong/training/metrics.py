@@ -99,7 +99,8 @@ def strict_json(value):
 def cut_metrics_after(path: str, step: int) -> None:
     """Keep only the records of steps <= `step` (the step a run resumes from; 0 for a fresh
     start), as TensorBoard's purge_step does: steps logged after the last checkpoint by a run
-    that then crashed are trained again and must not appear twice. A torn last line goes too."""
+    that then crashed are trained again and must not appear twice. A torn last line goes too;
+    records without a step are kept."""
     if not os.path.exists(path):
         return
     kept, dropped = [], 0
@@ -107,8 +108,8 @@ def cut_metrics_after(path: str, step: int) -> None:
         for line in f:
             try:
                 record = json.loads(line)
-                keep = line.endswith("\n") and int(record["step"]) <= step
-            except (ValueError, KeyError, TypeError):
+                keep = line.endswith("\n") and int(record.get("step", 0)) <= step
+            except (ValueError, AttributeError, TypeError):
                 keep = False
             if keep:
                 kept.append(line)

@@ -66,9 +66,13 @@ class RunDirLock:
 
     def acquire(self) -> bool:
         """True when locked; False (after a warning) where the filesystem has no locks."""
-        os.makedirs(self.directory, exist_ok=True)
-        # O_CLOEXEC (Python's default): helper processes started with exec never inherit it.
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            os.makedirs(self.directory, exist_ok=True)
+            # O_CLOEXEC (Python's default): helper processes started with exec never inherit it.
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise ConfigError(f"{self.path}: cannot create the run directory's lock file "
+                              f"({exc.strerror}); check run_dir") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
