@@ -51,7 +51,7 @@ def nan_gradients(tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_non_finite_gradient_with_finite_loss_is_skipped(nan_gradients, tmp_path_factory):
+def test_non_finite_gradient_with_finite_loss_is_skipped(nan_gradients):
     for rank, r in enumerate(nan_gradients):  # the poison was on rank 1 only
         results, checksums = r["skipped"]
         assert all(math.isfinite(results[s][0]) for s in range(1, 7)), results
