@@ -381,14 +381,63 @@ def _require(ok: bool, message: str, errors: list[str]) -> None:
         errors.append(message)
 
 
-def validate(cfg: RunConfig, world_size: int) -> Layout:
-    """Check everything that can be checked before a process group or a tensor exists."""
-    m, p, t = cfg.model, cfg.parallel, cfg.training
-    errors: list[str] = []
-    for name in ("tensor", "pipeline", "context"):
-        _require(getattr(p, name) >= 1, f"parallel.{name}={getattr(p, name)}: must be >= 1", errors)
+# Fields that must be >= 1 (sizes, counts, steps); the divisibility rules below assume it.
+POSITIVE_INTEGERS = (
+    "model.num_layers", "model.hidden_size", "model.ffn_hidden_size",
+    "model.num_attention_heads", "model.num_query_groups", "model.vocab_size",
+    "model.max_position_embeddings", "model.recompute_num_layers",
+    "parallel.tensor", "parallel.pipeline", "parallel.context",
+    "training.seq_length", "training.micro_batch_size", "training.global_batch_size",
+    "training.max_nan_steps", "checkpoint.keep_last", "logging.log_interval",
+)
+# Fields that must be > 0 when set (None: not used).
+POSITIVE_NUMBERS = (
+    "model.rotary_base", "model.norm_epsilon", "model.init_method_std", "optimizer.lr",
+    "optimizer.adam_eps", "training.train_tokens", "training.exit_at_step",
+    "logging.peak_tflops",
+)
+
+
+def _field(cfg: RunConfig, dotted: str):
+    section, name = dotted.split(".")
+    return getattr(getattr(cfg, section), name)
+
+
+def _raise_errors(errors: list[str]) -> None:
+    if len(errors) == 1:
+        raise ConfigError(f"invalid configuration: {errors[0]}")
     if errors:
         raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(errors))
+
+
+def _check_signs(cfg: RunConfig, errors: list[str]) -> None:
+    for dotted in POSITIVE_INTEGERS:
+        value = _field(cfg, dotted)
+        _require(value >= 1, f"{dotted}={value}: must be >= 1", errors)
+    for dotted in POSITIVE_NUMBERS:
+        value = _field(cfg, dotted)
+        _require(value is None or value > 0, f"{dotted}={value}: must be > 0", errors)
+    t, o = cfg.training, cfg.optimizer
+    _require(t.train_tokens is not None or t.train_steps >= 1,
+             f"training.train_steps={t.train_steps}: must be >= 1 (or set training.train_tokens)",
+             errors)
+    for name in ("weight_decay", "clip_grad"):
+        value = getattr(o, name)
+        _require(value >= 0, f"optimizer.{name}={value}: must be >= 0 (0 disables it)", errors)
+    for name in ("adam_beta1", "adam_beta2"):
+        value = getattr(o, name)
+        _require(0.0 <= value < 1.0, f"optimizer.{name}={value}: must be in [0, 1)", errors)
+
+
+def validate(cfg: RunConfig, world_size: int) -> Layout:
+    """Check everything that can be checked before a process group or a tensor exists.
+
+    A single problem is reported on one line (`invalid configuration: FIELD=VALUE: rule`),
+    several as a list."""
+    m, p, t = cfg.model, cfg.parallel, cfg.training
+    errors: list[str] = []
+    _check_signs(cfg, errors)
+    _raise_errors(errors)  # the rules below divide by these fields
     tp, pp, cp = p.tensor, p.pipeline, p.context
     _require(m.hidden_size % m.num_attention_heads == 0,
              f"model.hidden_size={m.hidden_size}: must be divisible by model.num_attention_heads="
@@ -439,14 +488,11 @@ def validate(cfg: RunConfig, world_size: int) -> Layout:
     _require(t.loss_chunk_size >= 0,
              f"training.loss_chunk_size={t.loss_chunk_size}: must be >= 0 (0 disables chunking)",
              errors)
-    _require(t.max_nan_steps >= 1,
-             f"training.max_nan_steps={t.max_nan_steps}: must be >= 1", errors)
-    _require(cfg.checkpoint.keep_last >= 1,
-             f"checkpoint.keep_last={cfg.checkpoint.keep_last}: must be >= 1", errors)
     _require(cfg.checkpoint.save_interval >= 0,
              f"checkpoint.save_interval={cfg.checkpoint.save_interval}: must be >= 0", errors)
-    _require(cfg.logging.log_interval >= 1,
-             f"logging.log_interval={cfg.logging.log_interval}: must be >= 1", errors)
+    _require(cfg.scheduler.decay_style in ("cosine", "linear", "constant"),
+             f"scheduler.decay_style={cfg.scheduler.decay_style!r}: choose cosine, linear or "
+             "constant", errors)
     _require(0.0 <= cfg.optimizer.min_lr_ratio <= 1.0,
              f"optimizer.min_lr_ratio={cfg.optimizer.min_lr_ratio}: must be in [0, 1]", errors)
 
@@ -463,7 +509,6 @@ def validate(cfg: RunConfig, world_size: int) -> Layout:
                  f"training.micro_batch_size x data-parallel size = {t.micro_batch_size} x {dp}",
                  errors)
         num_microbatches = t.global_batch_size // per_step
-    if errors:
-        raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(errors))
+    _raise_errors(errors)
     hierarchy = hierarchical_cp_sizes(cp) if cp > 1 and p.cp_comm_type == "a2a+p2p" else None
     return Layout(world_size, tp, pp, cp, dp, num_microbatches, hierarchy)

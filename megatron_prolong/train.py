@@ -4,12 +4,16 @@
     torchrun --nproc-per-node 4 -m megatron_prolong.train RECIPE.yaml parallel.tensor=2 ...
     python -m megatron_prolong.train RECIPE.yaml --dry-run --nodes 8 --gpus-per-node 8 --gpu h100
 
-Exit codes: 0 done / saved and stopped on preemption, 2 configuration error, 3 diverged
-(non-finite losses), 4 the dry run says the recipe does not fit the GPU.
+Exit codes: 0 done / saved and stopped on preemption, 2 configuration or input error (one
+`error:` line naming the field, file or checkpoint: bad values, a run directory another launch
+owns, a checkpoint of another model shape, unreadable data or token ids outside the
+vocabulary), 3 diverged (training.max_nan_steps skipped steps in a row), 4 the dry run says the
+recipe does not fit the GPU.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Optional
 
@@ -46,6 +50,10 @@ def main(argv: Optional[list[str]] = None) -> int:
             print(report)
             return 0 if fits else 4
         from megatron_prolong.config import validate
+
+        # Before megatron-core is imported or anything built: the world size the launcher
+        # (torchrun, srun) set, as init_distributed reads it.
+        layout = validate(cfg, int(os.environ.get("WORLD_SIZE", "1")))
         from megatron_prolong.training.loop import TrainingDiverged, train
         from megatron_prolong.training.parallel import (
             destroy_model_parallel,
@@ -54,18 +62,23 @@ def main(argv: Optional[list[str]] = None) -> int:
         )
 
         runtime = init_distributed(cfg.training.device)
-        layout = validate(cfg, runtime.world_size)
         init_model_parallel(layout, cfg.training.seed)
     except (ConfigError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    from megatron_prolong.data.indexed import DataFileError
+
     try:
         train(cfg, runtime, layout)
-    except ConfigError as exc:  # found once data or checkpoints are opened
-        print(f"error: {exc}", file=sys.stderr)
+    except (ConfigError, DataFileError) as exc:  # run dir, checkpoints, data: after start-up
+        # Errors every rank found together are printed once; the launcher (torchrun, srun
+        # --kill-on-bad-exit) stops the other ranks when one rank alone exits.
+        if runtime.rank == 0 or not getattr(exc, "all_ranks", False):
+            print(f"error: {exc}", file=sys.stderr)
         return 2
-    except TrainingDiverged as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except TrainingDiverged as exc:  # every rank sees the same losses and norms
+        if runtime.rank == 0:
+            print(f"error: {exc}", file=sys.stderr)
         return 3
     finally:
         destroy_model_parallel()

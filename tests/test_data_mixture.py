@@ -178,7 +178,10 @@ def test_proportion_zero_domain_is_skipped_and_names_resolved(tmp_path, monkeypa
 def test_token_id_outside_vocab_is_an_error(tmp_path):
     prefix = write_docs(str(tmp_path / "big"), [np.array([1, 2, 3, 1000, 4])], vocab_size=2048)
     cfg = DataConfig(domains=[DomainConfig("x", [prefix], 1.0)])
-    ds = build_pretraining_dataset(cfg, 4)
+    with pytest.raises(DataFileError, match=r"sequence 0 \(of 1\) holds token id 1000, outside "
+                                            r"the vocabulary \[0, 512\)"):
+        build_pretraining_dataset(cfg, 4)  # found when the dataset is opened
+    ds = build_pretraining_dataset(cfg, 4, scan_token_ids=False)  # and at every read
     with pytest.raises(DataFileError, match="token id 1000 >= vocab size 512"):
         ds[0]
 

@@ -148,3 +148,97 @@ def resharding_cases(root):
                     f"checkpoint.load={src}", "checkpoint.reset_schedule=true",
                     "training.train_steps=2"], step_hook=adam_step)
     return {"tp2pp2": a.losses, "tp1": b.losses, "stage2": (c.losses, c.final_step, adam_steps)}
+
+
+class GradPoisoner:
+    """Makes one weight's gradient NaN or Inf at chosen steps (a tensor hook, so the loss stays
+    finite), on the given ranks only: what a bad kernel or an overflow on one GPU does."""
+
+    def __init__(self, values_by_step, ranks=(0,)):
+        self.values, self.ranks, self.next_step, self.installed = values_by_step, ranks, 1, False
+
+    def __call__(self, step, result, state, batches):
+        if not self.installed:
+            if torch.distributed.get_rank() in self.ranks:
+                weight = state.model[0].module.decoder.layers[0].mlp.linear_fc1.weight
+                weight.register_hook(self._poison)
+            self.installed = True
+        self.next_step = step + 1
+
+    def _poison(self, grad):
+        value = self.values.get(self.next_step)
+        return None if value is None else grad + value  # None: the gradient as it is
+
+
+def _checksum(state):
+    return sum(float(p.double().sum()) for p in state.model[0].parameters())
+
+
+def nan_gradient_cases(root):
+    """TP=2, non-finite gradients on rank 1 only, finite losses everywhere."""
+    from megatron_prolong.training.checkpoint import load_checkpoint
+    from megatron_prolong.training.loop import TrainingDiverged
+    from megatron_prolong.training.weights import weights_are_finite
+
+    _runtime()
+    out = {"root": root}
+    tp2 = ["parallel.tensor=2"]
+    d = lambda name: f"run_dir={os.path.join(root, name)}"  # noqa: E731
+
+    # A NaN gradient at step 2 and an Inf one at step 3: both skipped and counted.
+    poison = GradPoisoner({2: float("nan"), 3: float("inf")}, ranks=(1,))
+    checksums, results = {}, {}
+
+    def record(step, result, state, batches):
+        poison(step, result, state, batches)
+        checksums[step] = _checksum(state)
+        results[step] = (result.loss, result.grad_norm, result.skipped)
+    run(tp2 + [d("skipped"), "training.max_nan_steps=3", "checkpoint.save_interval=3"],
+        step_hook=record)
+    out["skipped"] = (results, checksums)
+
+    # Non-finite gradients from step 3 on, a save every step, keep_last=1: the run stops at
+    # step 4 and what is left is a checkpoint with the (finite) step-2 weights.
+    poison = GradPoisoner({s: float("nan") for s in range(3, 7)}, ranks=(1,))
+    sums = {}
+
+    def record_sums(step, result, state, batches):
+        poison(step, result, state, batches)
+        sums[step] = _checksum(state)
+    try:
+        run(tp2 + [d("diverged"), "training.max_nan_steps=2", "checkpoint.save_interval=1",
+                   "checkpoint.keep_last=1"], step_hook=record_sums)
+        message = "no error"
+    except TrainingDiverged as exc:
+        message = str(exc)
+    kept = sorted(os.listdir(os.path.join(root, "diverged", "checkpoints")))
+    out["diverged"] = (message, kept, _latest(os.path.join(root, "diverged")), sums)
+
+    # Belt and braces: weights that are non-finite however they got so are never saved.
+    def corrupt(step, result, state, batches):
+        if step == 3:
+            with torch.no_grad():
+                next(state.model[0].parameters()).view(-1)[0] = float("nan")
+    try:
+        run(tp2 + [d("nan_weights"), "checkpoint.save_interval=1"], step_hook=corrupt)
+        message = "no error"
+    except TrainingDiverged as exc:
+        message = str(exc)
+    # The checkpoint left behind loads and holds finite weights.
+    from megatron_prolong.config import load_config, validate
+    from megatron_prolong.training.parallel import destroy_model_parallel, init_model_parallel
+    from megatron_prolong.training.step import setup_training
+
+    cfg = load_config(None, BASE + tp2)
+    layout = validate(cfg, torch.distributed.get_world_size())
+    init_model_parallel(layout, cfg.training.seed)
+    try:
+        state = setup_training(cfg, _runtime(), layout)
+        latest = os.path.join(root, "nan_weights", "checkpoints",
+                              _latest(os.path.join(root, "nan_weights")))
+        load_checkpoint(state.model, state.optimizer, latest)
+        finite = weights_are_finite(state.model)
+    finally:
+        destroy_model_parallel()
+    out["nan_weights"] = (message, os.path.basename(latest), finite)
+    return out

@@ -68,12 +68,14 @@ class DataConfig:
         if self.sft_overflow not in SFT_OVERFLOW:
             raise ValueError(f"data.sft_overflow {self.sft_overflow!r} not in {SFT_OVERFLOW}")
 
+    def given_domains(self) -> list[DomainConfig]:
+        """Domains from `domains` plus the mixture file, exactly as written."""
+        return list(self.domains) + (load_mixture(self.mixture) if self.mixture else [])
+
     def resolved_domains(self) -> list[DomainConfig]:
         """Domains from `domains` plus the mixture file, with placeholders filled and
         proportions normalised to sum to 1."""
-        domains = list(self.domains)
-        if self.mixture:
-            domains += load_mixture(self.mixture)
+        domains = self.given_domains()
         if not domains:
             raise ValueError("data config has no domains: set data.mixture or data.domains")
         names = [d.name for d in domains]

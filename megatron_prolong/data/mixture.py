@@ -15,6 +15,7 @@ import numpy as np
 
 from .config import DataConfig, DomainConfig
 from .indexed import DocumentPool
+from .max_token_id import check_token_ids
 from .packing import PackedSample
 from .streams import DomainStream
 from .tokenizer import Tokenizer, build_tokenizer
@@ -81,21 +82,44 @@ class MixtureDataset:
 
 
 def build_domain_stream(dom: DomainConfig, seq_length: int, seed: int, tokenizer: Tokenizer,
-                        cfg: DataConfig) -> DomainStream:
+                        cfg: DataConfig, scan_token_ids: bool = True) -> DomainStream:
+    """With cfg.check_token_ids every read is checked against the vocabulary, and (with
+    `scan_token_ids`) each dataset's largest id once at open (cached per file), so that a bad
+    id in a late document stops the run at start."""
     pool = DocumentPool(dom.paths, tokenizer.vocab_size if cfg.check_token_ids else None)
+    if cfg.check_token_ids and scan_token_ids:
+        for store in pool.stores:
+            check_token_ids(store.prefix, tokenizer.vocab_size)
     return DomainStream(dom.name, pool, seq_length, dom.mode or cfg.mode, dom.min_doc_length,
                         seed, tokenizer.pad_id, cfg.sft_overflow)
 
 
+def rescaled_mixture_table(cfg: DataConfig) -> Optional[str]:
+    """When the given proportions do not sum to 1 (they are relative weights, as in megatron's
+    blends), the table of what each domain will get; None when they already sum to 1."""
+    given = cfg.given_domains()
+    total = sum(d.proportion for d in given)
+    if abs(total - 1.0) <= 1e-6 or total <= 0:
+        return None
+    width = max(len(d.name) for d in given)
+    rows = [f"  {d.name:<{width}}  {d.proportion:8.4g} -> {d.proportion / total:7.2%}"
+            for d in given]
+    return (f"data mixture: the proportions sum to {total:.6g}, not 1; rescaled to shares of "
+            "the training tokens:\n" + "\n".join(rows))
+
+
 def build_pretraining_dataset(cfg: DataConfig, seq_length: int, seed: Optional[int] = None,
                               mode: Optional[str] = None, num_samples: Optional[int] = None,
-                              tokenizer: Optional[Tokenizer] = None) -> MixtureDataset:
+                              tokenizer: Optional[Tokenizer] = None,
+                              scan_token_ids: bool = True) -> MixtureDataset:
     """The trainer's entry point. ``seed``/``mode`` override the config's when given (mode only
-    for domains that do not set their own). Also used for SFT (mode 'sft')."""
+    for domains that do not set their own). Also used for SFT (mode 'sft'). The trainer scans
+    token ids on one rank only (``scan_token_ids``)."""
     if mode is not None:
         cfg = DataConfig(**{**cfg.__dict__, "mode": mode})
     seed = cfg.seed if seed is None else seed
     tokenizer = tokenizer or build_tokenizer(cfg.tokenizer_kind, cfg.tokenizer_path)
     domains = [d for d in cfg.resolved_domains() if d.proportion > 0]
-    streams = [build_domain_stream(d, seq_length, seed, tokenizer, cfg) for d in domains]
+    streams = [build_domain_stream(d, seq_length, seed, tokenizer, cfg, scan_token_ids)
+               for d in domains]
     return MixtureDataset(streams, [d.proportion for d in domains], seq_length, num_samples)

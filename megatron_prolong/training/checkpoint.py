@@ -7,13 +7,16 @@ Layout of `save_dir` (default <run_dir>/checkpoints):
         dist/              megatron-core dist_checkpointing (torch_dist): model + optimizer,
                            stored as global tensors, so any TP/PP layout can load it
         train_state.json   step, consumed samples, skipped steps, the layout that wrote it
+        config.yaml        the resolved run config that wrote it: its `model:` section is the
+                           shape a relaunch is checked against (and tools/convert.py reads)
         rng/rank_00003.pt  per-rank RNG states (python, numpy, torch, CUDA, megatron tracker)
     .tmp-step_00000200/    a save in progress (or one that crashed: removed by the next save)
 
 Atomicity: everything is written under `.tmp-step_N`; only when every rank has finished
 (barrier; torch_dist fsyncs its files) rank 0 renames the directory to `step_N` and then moves
 the `latest` pointer with os.replace. A crash at any point before that leaves `latest` on the
-previous, complete checkpoint.
+previous, complete checkpoint. A `latest` that points at a missing or damaged directory is
+not trusted: the newest complete `step_*` is used instead, with a warning.
 """
 from __future__ import annotations
 
@@ -21,24 +24,32 @@ import json
 import os
 import random
 import shutil
+import sys
 from dataclasses import asdict, dataclass, field
 from typing import Optional
 
 import numpy as np
 import torch
 import torch.distributed as dist
+import yaml
 from megatron.core import dist_checkpointing, tensor_parallel
 
+from megatron_prolong.config import ConfigError, ModelConfig, RunConfig, config_from_dict, to_dict
 from megatron_prolong.training.weights import model_sharded_state_dict, unwrap
 
 LATEST = "latest"
+STORED_CONFIG = "config.yaml"  # in every step directory: the run config that saved it
+# The fields that decide tensor shapes; a checkpoint loads only into a model that agrees on
+# all of them (rotary_base, max_position_embeddings etc. may change between stages).
+MODEL_SHAPE_FIELDS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
+                      "num_query_groups", "vocab_size")
 # Optimizer state in model space: reshardable across TP, PP and DP on load.
 OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_sharded_model_space",
                       "chained_optim_avoid_prefix": True}
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be used; the message says which and what to do."""
+class CheckpointError(ConfigError):
+    """A checkpoint that cannot be used; the message says which and what to do (exit 2)."""
 
 
 @dataclass
@@ -107,9 +118,11 @@ def _sharded_state(model: list, optimizer, with_optimizer: bool, is_loading: boo
 
 
 class CheckpointManager:
-    def __init__(self, save_dir: str, keep_last: int = 3) -> None:
+    def __init__(self, save_dir: str, keep_last: int = 3,
+                 run_config: Optional[RunConfig] = None) -> None:
         self.save_dir = os.path.abspath(save_dir)
         self.keep_last = keep_last
+        self.run_config = run_config  # stored with every checkpoint (its model shape)
 
     # ----------------------------------------------------------------------------- finding
     def latest(self) -> Optional[str]:
@@ -117,10 +130,8 @@ class CheckpointManager:
         return resolve_checkpoint(self.save_dir, must_exist=False)
 
     def complete_checkpoints(self) -> list[str]:
-        if not os.path.isdir(self.save_dir):
-            return []
-        names = sorted(n for n in os.listdir(self.save_dir) if n.startswith("step_"))
-        return [os.path.join(self.save_dir, n) for n in names]
+        return [os.path.join(self.save_dir, n) for n in _step_names(self.save_dir)
+                if is_complete(os.path.join(self.save_dir, n))]
 
     # ----------------------------------------------------------------------------- saving
     def save(self, model: list, optimizer, progress: Progress) -> str:
@@ -154,6 +165,9 @@ class CheckpointManager:
         if _rank() == 0:
             _fsync_write(os.path.join(tmp, "train_state.json"),
                          json.dumps(asdict(progress), indent=1).encode())
+            if self.run_config is not None:
+                _fsync_write(os.path.join(tmp, STORED_CONFIG), yaml.safe_dump(
+                    to_dict(self.run_config), sort_keys=False).encode())
 
     def _publish(self, tmp: str, final: str, name: str) -> None:
         if os.path.exists(final):  # the same step saved again (e.g. a preempted re-run)
@@ -164,6 +178,8 @@ class CheckpointManager:
         _fsync_write(pointer + ".tmp", (name + "\n").encode())
         os.replace(pointer + ".tmp", pointer)
         _fsync_dir(self.save_dir)
+        # Only complete checkpoints count towards keep_last; the loop never saves non-finite
+        # weights, so every one kept is a good one to resume from.
         for old in self.complete_checkpoints()[:-self.keep_last]:
             if os.path.basename(old) != name:
                 shutil.rmtree(old, ignore_errors=True)
@@ -182,29 +198,105 @@ def is_weights_only(directory: str) -> bool:
             and not os.path.exists(os.path.join(directory, "train_state.json")))
 
 
+def _step_names(save_dir: str) -> list[str]:
+    if not os.path.isdir(save_dir):
+        return []
+    return sorted(n for n in os.listdir(save_dir) if n.startswith("step_"))
+
+
+def is_complete(directory: str) -> bool:
+    """A step directory that a save finished and that nothing obviously damaged since:
+    readable train_state.json and the distributed checkpoint's metadata.json present."""
+    try:
+        read_progress(directory)
+    except (OSError, ValueError, TypeError):
+        return False
+    return os.path.isfile(os.path.join(directory, "dist", "metadata.json"))
+
+
+def _warn(message: str) -> None:
+    if _rank() == 0:
+        print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+def _follow_latest(save_dir: str) -> Optional[str]:
+    """The checkpoint `save_dir/latest` names; when that is missing or damaged, the newest
+    complete step_* (said on stderr); None when the directory holds no checkpoint at all."""
+    pointer = os.path.join(save_dir, LATEST)
+    named = None
+    if os.path.exists(pointer):
+        try:
+            with open(pointer) as f:
+                named = f.read().strip()
+        except (OSError, UnicodeDecodeError):
+            named = None
+        if named and is_complete(os.path.join(save_dir, named)):
+            return os.path.join(save_dir, named)
+    complete = [n for n in _step_names(save_dir) if is_complete(os.path.join(save_dir, n))]
+    if not complete:
+        if os.path.exists(pointer):
+            raise CheckpointError(
+                f"{pointer} names {named or '(unreadable)'}, which is missing or incomplete, and "
+                f"{save_dir} holds no other complete step_* checkpoint; delete {pointer} to "
+                "start from scratch")
+        return None
+    newest = os.path.join(save_dir, complete[-1])
+    why = (f"{pointer} names {named}, which is missing or incomplete" if named else
+           f"{pointer} is unreadable" if os.path.exists(pointer) else f"{pointer} is missing")
+    _warn(f"{why}; using the newest complete checkpoint {newest} instead")
+    return newest
+
+
 def resolve_checkpoint(path: str, must_exist: bool = True) -> Optional[str]:
     """A checkpoint directory from a run dir, a save dir (its `latest`), a step directory or a
     weights-only directory."""
     path = os.path.abspath(path)
     if is_weights_only(path):
         return path
+    if os.path.exists(os.path.join(path, "train_state.json")):
+        if not is_complete(path):
+            raise CheckpointError(f"{path} is not a complete checkpoint (train_state.json or "
+                                  "dist/ metadata unreadable); name another step_* directory")
+        return path
     for candidate in (path, os.path.join(path, "checkpoints")):
-        if os.path.exists(os.path.join(candidate, "train_state.json")):
-            return candidate
-        pointer = os.path.join(candidate, LATEST)
-        if os.path.exists(pointer):
-            with open(pointer) as f:
-                target = os.path.join(candidate, f.read().strip())
-            if not os.path.exists(os.path.join(target, "train_state.json")):
-                raise CheckpointError(
-                    f"{pointer} points at {target}, which is not a complete checkpoint; "
-                    "point checkpoint.load at an existing step_* directory")
-            return target
+        found = _follow_latest(candidate)
+        if found:
+            return found
     if must_exist:
         raise CheckpointError(
             f"no checkpoint at {path}: expected a step_* directory with train_state.json, or a "
             "directory holding a `latest` pointer (a run's checkpoints/ folder)")
     return None
+
+
+def stored_model_config(directory: str) -> Optional[ModelConfig]:
+    """The model a checkpoint was saved with: step_N/config.yaml (training) or model.yaml
+    (tools/convert.py hf-to-mcore); None for checkpoints that predate either."""
+    for name in (STORED_CONFIG, "model.yaml"):
+        path = os.path.join(directory, name)
+        if os.path.isfile(path):
+            try:
+                with open(path) as f:
+                    raw = yaml.safe_load(f) or {}
+            except (OSError, yaml.YAMLError) as exc:
+                raise CheckpointError(f"{path}: unreadable ({exc})") from None
+            if isinstance(raw, dict) and isinstance(raw.get("model"), dict):
+                return config_from_dict({"model": raw["model"]}, where=path).model
+    return None
+
+
+def check_model_shape(directory: str, model: ModelConfig, advice: str) -> None:
+    """Refuse, naming each differing field, a checkpoint whose tensors this model cannot hold."""
+    saved = stored_model_config(directory)
+    if saved is None:
+        return
+    differ = [f for f in MODEL_SHAPE_FIELDS if getattr(saved, f) != getattr(model, f)]
+    if differ:
+        raise CheckpointError(
+            f"{directory} holds a model with "
+            + ", ".join(f"model.{f}={getattr(saved, f)}" for f in differ)
+            + "; this config has " + ", ".join(f"model.{f}={getattr(model, f)}" for f in differ)
+            + f": {advice}")
 
 
 def read_progress(directory: str) -> Progress:

@@ -23,6 +23,7 @@ import torch.distributed as dist
 from megatron_prolong.config import ConfigError, Layout, RunConfig
 from megatron_prolong.data.batching import RankBatchIterator
 from megatron_prolong.data.packing import PackedSample, build_sample
+from megatron_prolong.training.agreement import on_all_ranks
 
 KINDS = ("synthetic", "demo", "mixture", "sft")
 
@@ -132,7 +133,6 @@ def demo_corpus_dir(cfg: RunConfig) -> str:
 
 def _build_demo(cfg: RunConfig, rank: int):
     from megatron_prolong.data.demo_corpus import build_demo_corpus
-    from megatron_prolong.data.mixture import build_pretraining_dataset
 
     out_dir = demo_corpus_dir(cfg)
     # Rank 0 writes the corpus; the others wait and then read the same files.
@@ -142,10 +142,34 @@ def _build_demo(cfg: RunConfig, rank: int):
         dist.broadcast_object_list(holder, src=0)
         domains = holder[0]
     options = {k: v for k, v in cfg.data.options.items() if k != "corpus_dir"}
-    data_cfg = _data_config(cfg, options, tokenizer_kind="byte", mixture=None, domains=domains)
-    dataset = build_pretraining_dataset(data_cfg, cfg.training.seq_length,
-                                        tokenizer=tokenizer_for_model(cfg, data_cfg))
+    # The corpus was just written with this tokenizer: no token-id scan (reads still check).
+    dataset = on_all_ranks(lambda: _open_datasets(
+        cfg, rank, options, scan=False, tokenizer_kind="byte", mixture=None, domains=domains))
     return dataset, [d.name for d in domains]
+
+
+def _open_datasets(cfg: RunConfig, rank: int, options: Optional[dict] = None, scan: bool = True,
+                   **data_args):
+    """Open every dataset of the mixture; rank 0 also scans each file's largest token id
+    (cached) and prints the rescaled mixture when the proportions do not sum to 1. Errors in
+    the data become one-line ConfigErrors naming the file (train.py: exit 2)."""
+    from megatron_prolong.data.indexed import DataFileError
+    from megatron_prolong.data.mixture import build_pretraining_dataset, rescaled_mixture_table
+
+    where = f"data.mixture={cfg.data.mixture}" if cfg.data.mixture else f"data.kind={cfg.data.kind}"
+    try:
+        data_cfg = _data_config(cfg, options, **data_args)
+        tokenizer = tokenizer_for_model(cfg, data_cfg)
+        if rank == 0:
+            table = rescaled_mixture_table(data_cfg)
+            if table:
+                print(table, flush=True)
+        return build_pretraining_dataset(data_cfg, cfg.training.seq_length, tokenizer=tokenizer,
+                                         scan_token_ids=scan and rank == 0)
+    except ConfigError:
+        raise
+    except (DataFileError, ValueError, TypeError, OSError) as exc:
+        raise ConfigError(f"{where}: {exc}") from None
 
 
 def build_data_source(cfg: RunConfig, layout: Layout, dp_rank: int, consumed_samples: int = 0,
@@ -159,14 +183,11 @@ def build_data_source(cfg: RunConfig, layout: Layout, dp_rank: int, consumed_sam
     elif kind == "demo":
         dataset, names = _build_demo(cfg, rank)
     elif kind in ("mixture", "sft"):
-        from megatron_prolong.data.mixture import build_pretraining_dataset
-
         if not cfg.data.mixture and not cfg.data.options.get("domains"):
             raise ConfigError(f"data.kind={kind}: set data.mixture to a mixture YAML "
                               "(see examples/mixtures/)")
-        data_cfg = _data_config(cfg, **({"mode": "sft"} if kind == "sft" else {}))
-        dataset = build_pretraining_dataset(data_cfg, cfg.training.seq_length,
-                                            tokenizer=tokenizer_for_model(cfg, data_cfg))
+        dataset = on_all_ranks(lambda: _open_datasets(
+            cfg, rank, **({"mode": "sft"} if kind == "sft" else {})))
         names = dataset.domain_names
     else:
         raise ConfigError(f"data.kind={kind!r}: choose one of {', '.join(KINDS)}")

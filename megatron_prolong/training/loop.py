@@ -19,9 +19,11 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 
 from megatron_prolong.config import Layout, RunConfig, save_config
+from megatron_prolong.training.agreement import on_all_ranks
 from megatron_prolong.training.checkpoint import (
     CheckpointManager,
     Progress,
+    check_model_shape,
     is_weights_only,
     load_checkpoint,
     resolve_checkpoint,
@@ -29,14 +31,17 @@ from megatron_prolong.training.checkpoint import (
 from megatron_prolong.training.data_source import build_data_source
 from megatron_prolong.training.metrics import MetricsLogger
 from megatron_prolong.training.parallel import Runtime
+from megatron_prolong.training.run_lock import RunDirLock
 from megatron_prolong.training.schedule import LRSchedule
 from megatron_prolong.training.step import TrainState, setup_training, train_step
+from megatron_prolong.training.weights import weights_are_finite
 
 PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
 class TrainingDiverged(RuntimeError):
-    """Too many non-finite losses in a row; the last good checkpoint is left in place."""
+    """Too many skipped (non-finite) steps in a row, or non-finite weights; the last good
+    checkpoint is left in place."""
 
 
 @dataclass
@@ -81,20 +86,35 @@ def _print0(*args) -> None:
         print(*args, flush=True)
 
 
-def restore(cfg: RunConfig, state: TrainState, layout: Layout,
-            ckpt: CheckpointManager) -> tuple[Progress, Optional[str]]:
+def find_start(cfg: RunConfig, ckpt: CheckpointManager) -> tuple[Optional[str], Optional[str]]:
+    """(this run's own latest checkpoint, checkpoint.load's), both resolved and checked
+    against cfg.model's shape before anything in the run directory is touched."""
+    own = ckpt.latest()
+    if own:
+        check_model_shape(own, cfg.model, "relaunch with the model section of "
+                          f"{os.path.join(own, 'config.yaml')}, or pass run_dir=... to start "
+                          "a new run")
+        return own, None
+    if cfg.checkpoint.load:
+        source = resolve_checkpoint(cfg.checkpoint.load)
+        check_model_shape(source, cfg.model, "set the model section to that shape, or point "
+                          "checkpoint.load at a checkpoint of this one")
+        return None, source
+    return None, None
+
+
+def restore(cfg: RunConfig, state: TrainState, layout: Layout, own: Optional[str],
+            source: Optional[str]) -> tuple[Progress, Optional[str]]:
     """Resume this run from its own latest checkpoint; else start from checkpoint.load
     (stage 2 from stage 1, SFT from stage 2); else from scratch."""
     fresh = Progress(layout=asdict(layout))
-    own = ckpt.latest()
     if own:
         progress = load_checkpoint(state.model, state.optimizer, own)
         progress.layout = asdict(layout)
         _print0(f"resuming from {own} (step {progress.step}, "
                 f"{progress.consumed_samples} samples consumed)")
         return progress, own
-    if cfg.checkpoint.load:
-        source = resolve_checkpoint(cfg.checkpoint.load)
+    if source:
         loaded = load_checkpoint(state.model, state.optimizer, source,
                                  load_optimizer=cfg.checkpoint.load_optimizer, load_rng=False)
         weights_only = is_weights_only(source) or not cfg.checkpoint.load_optimizer
@@ -108,23 +128,61 @@ def restore(cfg: RunConfig, state: TrainState, layout: Layout,
     return fresh, None
 
 
+def lock_run_dirs(cfg: RunConfig, rank: int) -> list[RunDirLock]:
+    """Rank 0 owns run_dir (and checkpoint.save_dir when it lies elsewhere) for this launch."""
+    dirs = [cfg.run_dir]
+    save_dir = cfg.checkpoint.save_dir
+    if save_dir and not os.path.abspath(save_dir).startswith(os.path.abspath(cfg.run_dir) + os.sep):
+        dirs.append(save_dir)
+    locks = [RunDirLock(d) for d in dirs] if rank == 0 else []
+    try:
+        for lock in locks:
+            lock.acquire()
+    except BaseException:
+        release_locks(locks)
+        raise
+    return locks
+
+
+def release_locks(locks: list[RunDirLock]) -> None:
+    for lock in locks:
+        lock.release()
+
+
+def _diverged(message: str, last_good: Optional[str]) -> TrainingDiverged:
+    return TrainingDiverged(
+        f"{message}; stopping without saving. The last good checkpoint is "
+        f"{last_good or '(none saved yet)'}: lower optimizer.lr, check the data around these "
+        "steps, then relaunch (it resumes from there).")
+
+
 def train(cfg: RunConfig, runtime: Runtime, layout: Layout,
           step_hook: Optional[Callable] = None, data_source=None) -> RunResult:
     """Run (or resume) training to cfg's step budget. Collective over all ranks.
 
     `step_hook(step, result, state, batches)` runs after every step (tests, custom callbacks);
     `data_source` replaces the one built from cfg.data (tests)."""
-    if runtime.rank == 0:
+    locks = on_all_ranks(lambda: lock_run_dirs(cfg, runtime.rank))
+    try:
+        return _train_locked(cfg, runtime, layout, step_hook, data_source)
+    finally:
+        release_locks(locks)
+
+
+def _train_locked(cfg: RunConfig, runtime: Runtime, layout: Layout,
+                  step_hook: Optional[Callable], data_source) -> RunResult:
+    ckpt = CheckpointManager(cfg.checkpoint.save_dir or os.path.join(cfg.run_dir, "checkpoints"),
+                             cfg.checkpoint.keep_last, run_config=cfg)
+    own, source = on_all_ranks(lambda: find_start(cfg, ckpt))
+    if runtime.rank == 0:  # only once the checkpoint is known to fit this config
         save_config(cfg, os.path.join(cfg.run_dir, "config.yaml"))
     state = setup_training(cfg, runtime, layout)
-    ckpt = CheckpointManager(cfg.checkpoint.save_dir or os.path.join(cfg.run_dir, "checkpoints"),
-                             cfg.checkpoint.keep_last)
-    progress, resumed_from = restore(cfg, state, layout, ckpt)
+    progress, resumed_from = restore(cfg, state, layout, own, source)
     schedule = LRSchedule.from_config(cfg)
     total = schedule.total_steps
     if data_source is None:
-        data_source = build_data_source(cfg, layout, parallel_state.get_data_parallel_rank(),
-                                        progress.consumed_samples)
+        dp_rank = parallel_state.get_data_parallel_rank()
+        data_source = build_data_source(cfg, layout, dp_rank, progress.consumed_samples)
     metrics = MetricsLogger(cfg, layout, total, data_source.domain_names, runtime.rank,
                             resumed_step=progress.step)
     _print0(f"training {cfg.name}: layout TP={layout.tp} PP={layout.pp} CP={layout.cp} "
@@ -132,7 +190,16 @@ def train(cfg: RunConfig, runtime: Runtime, layout: Layout,
             f"{cfg.training.tokens_per_step:,} tokens/step, steps {progress.step} -> {total}")
     result = RunResult(final_step=progress.step, resumed_from=resumed_from)
     nan_streak = 0
-    last_saved = ckpt.latest()
+    last_saved = own
+
+    def save() -> str:
+        # Skipped steps leave the weights alone, so this should never trigger; it is the
+        # guarantee that no checkpoint (and so no `latest`, no keep_last survivor) holds NaN.
+        if not weights_are_finite(state.model):
+            raise _diverged(f"the weights are non-finite after step {progress.step}",
+                            last_saved)
+        return ckpt.save(state.model, state.optimizer, progress)
+
     try:
         with PreemptionFlag() as preemption:
             while progress.step < total:
@@ -143,26 +210,24 @@ def train(cfg: RunConfig, runtime: Runtime, layout: Layout,
                 seconds = time.perf_counter() - start
                 progress.step += 1
                 progress.consumed_samples = data_source.consumed_samples
-                finite = math.isfinite(step_result.loss)
-                nan_streak = 0 if finite else nan_streak + 1
-                progress.skipped_steps += 0 if finite else 1
+                skipped = step_result.skipped
+                nan_streak = nan_streak + 1 if skipped else 0
+                progress.skipped_steps += 1 if skipped else 0
                 result.losses[progress.step] = step_result.loss
                 result.final_step = progress.step
                 line = metrics.step_done(progress.step, step_result, lr, seconds, batches,
                                          progress.skipped_steps)
                 if line:
                     _print0(line)
-                if not finite:
-                    _print0(f"step {progress.step}: non-finite loss ({step_result.loss}); "
-                            f"optimizer step skipped ({nan_streak} in a row, limit "
+                if skipped:
+                    _print0(f"step {progress.step}: {_skip_reason(step_result)}; optimizer "
+                            f"step skipped ({nan_streak} in a row, limit "
                             f"{cfg.training.max_nan_steps})")
                 if nan_streak >= cfg.training.max_nan_steps:
-                    raise TrainingDiverged(
-                        f"{nan_streak} non-finite losses in a row (training.max_nan_steps="
-                        f"{cfg.training.max_nan_steps}) at step {progress.step}; stopping "
-                        "without saving. The last good checkpoint is "
-                        f"{last_saved or '(none saved yet)'}: lower optimizer.lr, check the "
-                        "data around these steps, then relaunch (it resumes from there).")
+                    raise _diverged(
+                        f"{nan_streak} skipped steps (non-finite loss or gradient) in a row "
+                        f"(training.max_nan_steps={cfg.training.max_nan_steps}) at step "
+                        f"{progress.step}", last_saved)
                 if step_hook is not None:
                     step_hook(progress.step, step_result, state, batches)
                 preempted = preemption.any_rank()
@@ -170,7 +235,7 @@ def train(cfg: RunConfig, runtime: Runtime, layout: Layout,
                 interval = cfg.checkpoint.save_interval
                 if (preempted or exit_now or progress.step == total
                         or (interval and progress.step % interval == 0)):
-                    last_saved = ckpt.save(state.model, state.optimizer, progress)
+                    last_saved = save()
                     result.checkpoint = last_saved
                     _print0(f"saved checkpoint {last_saved}")
                 if preempted or exit_now:
@@ -192,3 +257,10 @@ def train(cfg: RunConfig, runtime: Runtime, layout: Layout,
                     f"(checkpoint {last_saved}); pass run_dir=... or raise the step budget to "
                     "train further")
     return result
+
+
+def _skip_reason(step_result) -> str:
+    if not math.isfinite(step_result.loss):
+        return f"non-finite loss ({step_result.loss})"
+    return (f"non-finite gradient (grad norm {step_result.grad_norm}, loss "
+            f"{step_result.loss:.4f})")

@@ -84,6 +84,44 @@ def format_eta(seconds: float) -> str:
     return str(datetime.timedelta(seconds=int(seconds)))
 
 
+def strict_json(value):
+    """NaN and +-Inf become null: metrics.jsonl stays strict JSON (json.loads in other
+    languages, jq, pandas.read_json all accept it); a skipped step says so in `skipped`."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: strict_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [strict_json(v) for v in value]
+    return value
+
+
+def cut_metrics_after(path: str, step: int) -> None:
+    """Keep only the records of steps <= `step` (the step a run resumes from; 0 for a fresh
+    start), as TensorBoard's purge_step does: steps logged after the last checkpoint by a run
+    that then crashed are trained again and must not appear twice. A torn last line goes too;
+    records without a step are kept."""
+    if not os.path.exists(path):
+        return
+    kept, dropped = [], 0
+    with open(path) as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+                keep = line.endswith("\n") and int(record.get("step", 0)) <= step
+            except (ValueError, AttributeError, TypeError):
+                keep = False
+            if keep:
+                kept.append(line)
+            else:
+                dropped += 1
+    if dropped:
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            f.writelines(kept)
+        os.replace(tmp, path)
+
+
 @dataclass
 class _Interval:
     steps: int = 0
@@ -111,7 +149,9 @@ class MetricsLogger:
         self.jsonl = None
         if self.is_writer:
             os.makedirs(cfg.run_dir, exist_ok=True)
-            self.jsonl = open(os.path.join(cfg.run_dir, "metrics.jsonl"), "a")
+            path = os.path.join(cfg.run_dir, "metrics.jsonl")
+            cut_metrics_after(path, resumed_step)
+            self.jsonl = open(path, "a")
             if cfg.logging.tensorboard:
                 from torch.utils.tensorboard import SummaryWriter
 
@@ -148,7 +188,7 @@ class MetricsLogger:
                       loss_tokens=result.loss_tokens, step_time=seconds,
                       domain_loss={k: s / n for k, (s, n) in names.items() if n})
         if self.jsonl:
-            self.jsonl.write(json.dumps(record) + "\n")
+            self.jsonl.write(json.dumps(strict_json(record), allow_nan=False) + "\n")
             self.jsonl.flush()
         if step % self.cfg.logging.log_interval and step != self.total_steps:
             return None

@@ -7,6 +7,7 @@ divides the gradients by the number of loss tokens of the whole global batch
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Callable, Iterator, Optional
@@ -18,6 +19,7 @@ from megatron.core.distributed import DistributedDataParallel, DistributedDataPa
 from megatron.core.distributed import finalize_model_grads
 from megatron.core.optimizer import OptimizerConfig as McoreOptimizerConfig
 from megatron.core.optimizer import get_megatron_optimizer
+from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32
 from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
@@ -130,6 +132,8 @@ def build_model_chunks(cfg: RunConfig, runtime: Runtime, wrap_ddp: bool = True) 
         grad_reduce_in_fp32=True,
         overlap_grad_reduce=False,
         use_distributed_optimizer=cfg.optimizer.use_distributed_optimizer and not runtime.on_cpu,
+        # megatron's check is fatal (its rerun state machine stops the job); a non-finite
+        # gradient is skipped instead by optimizer_step below.
         check_for_nan_in_grad=False,
     )
     return [DistributedDataParallel(config=module.config, ddp_config=ddp_config, module=module)]
@@ -172,11 +176,33 @@ def _global_loss(reports: list[dict], device, num_domains: int = 0) -> torch.Ten
     return totals
 
 
+def optimizer_step(optimizer) -> tuple[bool, float]:
+    """megatron-core's ChainedOptimizer.step() with one addition: a non-finite gradient norm
+    skips the update. (megatron only checks found_inf with an fp16 loss scaler; in bf16 and
+    fp32 it clips by a NaN norm, a no-op, and applies the NaN gradients.) The norm is
+    megatron's: all-reduced over the model-parallel group after the data-parallel gradient
+    reduction, so every rank sees the same value and all skip together.
+    Returns (updated, grad norm)."""
+    if optimizer.prepare_grads():  # fp16 loss-scaler overflow (found_inf)
+        return False, float("nan")
+    grad_norm = float(optimizer.get_grad_norm())
+    if not math.isfinite(grad_norm):
+        return False, grad_norm
+    for inner in getattr(optimizer, "chained_optimizers", [optimizer]):
+        params = [] if getattr(inner, "is_stub_optimizer", False) else inner.get_parameters()
+        if params and inner.config.clip_grad > 0.0:
+            clip_grad_by_total_norm_fp32(
+                params, max_norm=inner.config.clip_grad, total_norm=grad_norm,
+                use_decoupled_grad=inner.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8)
+    return optimizer.step_with_ready_grads(), grad_norm
+
+
 def train_step(state: TrainState, microbatches: list[dict], lr: Optional[float] = None) -> StepResult:
     """Forward and backward over this rank's micro-batches, then one optimizer step.
 
-    A non-finite global loss skips the optimizer step (every rank sees the same loss, so all
-    skip together) and returns skipped=True; the caller counts and stops on a streak.
+    A non-finite global loss, or a non-finite gradient norm with a finite loss, skips the
+    optimizer step (every rank sees the same loss and norm, so all skip together) and returns
+    skipped=True; the caller counts and stops on a streak.
     """
     for chunk in state.model:
         chunk.zero_grad_buffer()
@@ -201,7 +227,7 @@ def train_step(state: TrainState, microbatches: list[dict], lr: Optional[float] 
     count = int(totals[1].item())
     loss = float(totals[0].item() / max(count, 1))
     if torch.isfinite(totals[0]):
-        ok, grad_norm, _ = state.optimizer.step()
+        ok, grad_norm = optimizer_step(state.optimizer)
     else:
         ok, grad_norm = False, None
     domains = totals[2:].view(2, num_domains).tolist() if num_domains else (None, None)

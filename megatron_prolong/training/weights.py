@@ -31,3 +31,19 @@ def save_model_weights(model_chunks: list, directory: str) -> None:
 def load_model_weights(model_chunks: list, directory: str, strict: bool = True) -> None:
     state = dist_checkpointing.load(model_sharded_state_dict(model_chunks), directory)
     unwrap(model_chunks[0]).load_state_dict(state, strict=strict)
+
+
+def weights_are_finite(model_chunks: list) -> bool:
+    """Collective: True when no rank's parameters hold a NaN or Inf. One reduction per
+    tensor (a sum is non-finite exactly when an element is, short of an fp32 overflow that
+    weights never reach) and one all-reduce; cheap next to a checkpoint save."""
+    import torch
+    import torch.distributed as dist
+
+    sums = [p.detach().sum(dtype=torch.float32) for chunk in model_chunks
+            for p in chunk.parameters()]
+    total = torch.stack(sums).sum() if sums else torch.zeros(())
+    bad = torch.tensor([0.0 if torch.isfinite(total) else 1.0], device=total.device)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+    return bad.item() == 0.0
