@@ -21,7 +21,7 @@ from typing import Optional
 
 import numpy as np
 
-from .indexed import DataFileError, IndexedDataset, get_bin_path
+from .indexed import DataFileError, get_bin_path, read_index
 
 CACHE_SUFFIX = ".max_token_id.json"
 _CHUNK = 1 << 26  # tokens per read: bounded memory for any file size
@@ -72,10 +72,12 @@ def _write_cache(prefix: str, stamp: dict, value: int) -> None:
 
 def _tokens(prefix: str) -> tuple[np.memmap, np.ndarray, np.dtype]:
     """(all tokens as unsigned ints, first-token offset of each sequence, stored dtype)."""
-    index = IndexedDataset(prefix, mmap=True).index
-    dtype = np.dtype(index.dtype)
+    dtype, lengths, _ = read_index(prefix)
+    dtype = np.dtype(dtype)
     tokens = np.memmap(get_bin_path(prefix), dtype=_unsigned(dtype), mode="r")
-    return tokens, index.sequence_pointers // dtype.itemsize, dtype
+    starts = np.zeros(len(lengths), dtype=np.int64)
+    np.cumsum(lengths[:-1], out=starts[1:])
+    return tokens, starts, dtype
 
 
 def max_token_id(prefix: str) -> int:
@@ -110,7 +112,7 @@ def _first_bad(prefix: str, vocab_size: int) -> tuple[int, int, int]:
 def check_token_ids(prefix: str, vocab_size: int) -> None:
     """Raise DataFileError naming the file, the sequence and the id when any token id falls
     outside [0, vocab_size)."""
-    dtype = np.dtype(IndexedDataset(prefix, mmap=True).index.dtype)
+    dtype = np.dtype(read_index(prefix)[0])
     if dtype.kind == "u" and np.iinfo(dtype).max < vocab_size:
         return  # the dtype cannot hold an id outside the vocabulary
     if max_token_id(prefix) < vocab_size:
