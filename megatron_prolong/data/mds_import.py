@@ -42,10 +42,12 @@ class Columns:
 
 @dataclass
 class Document:
-    """One imported MDS sample: its tokens, loss mask (SFT) and the lengths of its sequences."""
+    """One imported MDS sample: its tokens, loss mask (SFT) and the lengths of its sequences
+    (and of the source spans they came from)."""
     tokens: np.ndarray
     mask: Optional[np.ndarray]
     lengths: list[int]
+    source_lengths: Optional[list[int]] = None
 
 
 @dataclass
@@ -118,7 +120,8 @@ class Verbatim:
                     mpieces.append(np.zeros(1, np.uint8))
             lengths.append(b - a + (eod is not None))
         tokens = np.concatenate(pieces)
-        return Document(tokens, np.concatenate(mpieces) if mpieces else None, lengths), {}
+        return Document(tokens, np.concatenate(mpieces) if mpieces else None, lengths,
+                        (sample.spans[:, 1] - sample.spans[:, 0]).tolist()), {}
 
 
 Convert = Callable[[Sample], tuple[Document, dict]]
@@ -219,21 +222,25 @@ def import_mds(input_dir: str, output_dir: str, *, name: Optional[str] = None,
     with _shard_mapper(workers) as mapper:
         for out, stream in streams:
             shards = indexes[out]
-            min_len = (min_lengths or {}).get(out)
+            min_len = (min_lengths or {}).get(out.split("/")[-1])
             st = {"stream": stream, "shards": len(shards), "samples": 0, "documents": 0,
                   "tokens": 0, "source_tokens": 0, "dropped_gap_tokens": 0}
             if min_len:
-                st.update(min_doc_length=min_len, documents_below_min_length=0)
+                st.update(min_doc_length=min_len, documents_below_min_length=0,
+                          source_documents_below_min_length=0)
             domain_values: set = set()
             with IndexedWriter(os.path.join(output_dir, out), out_vocab_size or vocab_size,
                                with_mask=sft[out]) as writer:
                 for result in mapper(job, shards):
                     for doc in result.documents:
-                        writer.add(doc.tokens, doc.mask, doc.lengths)
+                        if doc.lengths:  # a sample whose every span re-tokenized to nothing
+                            writer.add(doc.tokens, doc.mask, doc.lengths)
                         st["documents"] += len(doc.lengths)
                         st["tokens"] += len(doc.tokens)
                         if min_len:
                             st["documents_below_min_length"] += sum(n < min_len for n in doc.lengths)
+                            st["source_documents_below_min_length"] += sum(
+                                n < min_len for n in doc.source_lengths or ())
                     for key, value in result.stats.items():
                         st[key] = st.get(key, 0) + value
                     domain_values |= result.domain_values
@@ -244,6 +251,22 @@ def import_mds(input_dir: str, output_dir: str, *, name: Optional[str] = None,
     return all_stats
 
 
+def mixture_min_lengths(path: str) -> dict:
+    """{dataset name: minimum document length} for the `long` domains of a mixture YAML, the
+    dataset name being the last component of each of the domain's paths (the importer's output
+    names); the minimum is the domain's min_doc_length, else the mixture's seq_length."""
+    from .config import load_mixture
+
+    with open(path) as f:
+        seq_length = (yaml.safe_load(f) or {}).get("seq_length")
+    out = {}
+    for d in load_mixture(path):
+        minimum = d.min_doc_length or (seq_length if d.mode == "long" else None)
+        if d.mode == "long" and minimum:
+            out.update({p.rstrip("/").split("/")[-1]: int(minimum) for p in d.paths})
+    return out
+
+
 def summary_line(out: str, st: dict) -> str:
     line = (f"{out}: {st['samples']:,} samples, {st['documents']:,} documents, "
             f"{st['tokens']:,} tokens")
@@ -252,6 +275,8 @@ def summary_line(out: str, st: dict) -> str:
     if "documents_below_min_length" in st:
         line += (f"; {st['documents_below_min_length']:,} documents below the domain's minimum "
                  f"length {st['min_doc_length']:,}")
+        if st["tokens"] != st["source_tokens"]:
+            line += f" ({st['source_documents_below_min_length']:,} before re-tokenization)"
     return line
 
 
