@@ -20,6 +20,8 @@ SCALED_TYPES = ("linear", "dynamic", "yarn", "longrope", "llama3", "su", "mrope"
 # Fields a plain RoPE mapping may hold besides its type (partial_rotary_factor only as 1.0).
 PLAIN_FIELDS = {"rope_theta", "rope_type", "type", "partial_rotary_factor"}
 DEFAULT_THETA = 10000.0  # what transformers' LlamaConfig assumes when a config states no base
+# Every RoPE key of either layout: dropped from a template before an export states the base.
+STALE_ROPE_KEYS = ("rope_theta", "rope_scaling", "rope_parameters", "partial_rotary_factor")
 
 
 def _theta_problem(key: str, value: Any) -> Optional[str]:
@@ -91,6 +93,3 @@ def read_rope(hf: dict, rope_theta: Optional[float] = None) -> tuple[float, list
 def hub_layout(theta: float) -> dict:
     """The RoPE keys of an exported config.json: one base, read alike by transformers 4 and 5."""
     return {"rope_theta": float(theta), "rope_scaling": None}
-
-
-STALE_ROPE_KEYS = ("rope_theta", "rope_scaling", "rope_parameters", "partial_rotary_factor")
