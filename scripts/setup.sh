@@ -11,11 +11,12 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 TORCH_CPU_VERSION=${TORCH_CPU_VERSION:-2.13.0}
 stamp=.setup-done
-key=$(cat setup.py scripts/setup.sh | sha256sum | cut -c1-16)
+key=$(cat setup.py constraints.txt scripts/setup.sh | sha256sum | cut -c1-16)
 if [[ -f $stamp && $(cat $stamp) == "$key" ]] && $PY -c "import megatron_prolong, megatron.core" 2>/dev/null; then
   exit 0
 fi
-pip_install() { $PY -m pip install --disable-pip-version-check -q "$@"; }
+# Every install is held to constraints.txt: the tested ranges CI was green with.
+pip_install() { $PY -m pip install --disable-pip-version-check -q -c constraints.txt "$@"; }
 echo "[setup] installing megatron-prolong and its dependencies (first run only)" >&2
 if ! $PY -c "import torch" 2>/dev/null; then
   if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
@@ -25,9 +26,10 @@ if ! $PY -c "import torch" 2>/dev/null; then
   fi
 fi
 # mosaicml-streaming (only the tests use its MDS writer) declares torchvision, which would replace
-# the CPU torch with a CUDA build: install it without dependencies, plus what its writer imports.
-pip_install --no-deps "mosaicml-streaming==0.13.0"
-pip_install "xxhash<4" "zstd<2" "python-snappy<1" "Brotli" "catalogue<3" "tqdm" "numpy<2.2"
+# the CPU torch with a CUDA build, and transformers<5: install it without dependencies, plus what
+# its writer imports (versions from constraints.txt).
+pip_install --no-deps mosaicml-streaming
+pip_install xxhash zstd python-snappy brotli catalogue tqdm numpy
 pip_install -e ".[dev]"
 echo "$key" > $stamp
 echo "[setup] done" >&2

@@ -2,9 +2,12 @@
 no megatron model needed except for the local-spec name check)."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -16,6 +19,11 @@ from megatron_prolong.convert.hf_config import hf_config_from_model, model_confi
 from megatron_prolong.convert.hf_io import (HFCheckpoint, PlannedTensor, parse_size, plan_shards,
                                             read_safetensors_header, write_sharded)
 from megatron_prolong.convert.hf_to_mcore import hf_to_mcore
+from megatron_prolong.convert.rope import STALE_ROPE_KEYS
+
+from test_convert_parity import hf_rope_theta, tiny_hf_model, transformers_major
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 MODEL = ModelConfig(num_layers=2, hidden_size=64, ffn_hidden_size=160, num_attention_heads=8,
                     num_query_groups=2, vocab_size=256, rotary_base=8e6)
@@ -23,8 +31,6 @@ MODEL = ModelConfig(num_layers=2, hidden_size=64, ffn_hidden_size=160, num_atten
 
 @pytest.fixture(scope="module")
 def hf_dir(tmp_path_factory):
-    from test_convert_parity import tiny_hf_model
-
     directory = str(tmp_path_factory.mktemp("hf"))
     tiny_hf_model(directory)
     return directory
@@ -138,12 +144,40 @@ def _against_megatron(model, tmp):
     return names, keys, entries("ours"), entries("theirs"), equal
 
 
-def test_bin_checkpoints_read_like_safetensors(hf_dir, tmp_path):
+def save_bin_shards(model, directory: str, per_shard: int = 8) -> None:
+    """The sharded PyTorch .bin layout that transformers 4 writes (and 5 still reads):
+    pytorch_model-0000i-of-0000n.bin + pytorch_model.bin.index.json."""
+    state = model.state_dict()
+    names = list(state)
+    chunks = [names[i:i + per_shard] for i in range(0, len(names), per_shard)]
+    weight_map = {}
+    for i, chunk in enumerate(chunks):
+        file = f"pytorch_model-{i + 1:05d}-of-{len(chunks):05d}.bin"
+        torch.save({n: state[n].contiguous() for n in chunk}, os.path.join(directory, file))
+        weight_map.update(dict.fromkeys(chunk, file))
+    total = sum(t.numel() * t.element_size() for t in state.values())
+    with open(os.path.join(directory, "pytorch_model.bin.index.json"), "w") as f:
+        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f)
+    model.config.save_pretrained(directory)
+
+
+@pytest.mark.parametrize("writer", ["layout", "save_pretrained"])
+def test_bin_checkpoints_read_like_safetensors(hf_dir, tmp_path, writer):
     from transformers import LlamaForCausalLM
 
-    LlamaForCausalLM.from_pretrained(hf_dir).save_pretrained(str(tmp_path), safe_serialization=False,
-                                                             max_shard_size="200KB")
+    model = LlamaForCausalLM.from_pretrained(hf_dir)
+    if writer == "save_pretrained":
+        if transformers_major() >= 5:
+            pytest.skip("transformers 5 writes no .bin checkpoints (the layout case covers reading them)")
+        model.save_pretrained(str(tmp_path), safe_serialization=False, max_shard_size="200KB")
+    else:
+        save_bin_shards(model, str(tmp_path))
+        # transformers itself reads this layout back to the same weights
+        again = LlamaForCausalLM.from_pretrained(str(tmp_path))
+        assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(),
+                                                     again.state_dict().values()))
     assert os.path.exists(tmp_path / "pytorch_model.bin.index.json")
+    assert len([f for f in os.listdir(tmp_path) if f.endswith(".bin")]) > 1
     safe, binary = HFCheckpoint(hf_dir), HFCheckpoint(str(tmp_path))
     assert safe.tensors.keys() == binary.tensors.keys()
     for name in safe.tensors:
@@ -175,6 +209,145 @@ def test_config_refusals(patch, needle):
     with pytest.raises(ConversionError, match="cannot convert") as err:
         model_config_from_hf(hf)
     assert needle in str(err.value)
+
+
+# --------------------------------------------------------------------------------------------- RoPE
+LLAMA31_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                   "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+
+
+def rope_config(layout: str, theta, scaling=None, **extra) -> dict:
+    """MODEL's config.json with its RoPE settings in one layout: "top-level" (transformers 4 and
+    the hub: rope_theta + rope_scaling) or "rope_parameters" (transformers 5)."""
+    hf = hf_config_from_model(MODEL, torch.float32)
+    for key in STALE_ROPE_KEYS:
+        hf.pop(key, None)
+    if layout == "top-level":
+        hf.update(rope_theta=theta, rope_scaling=scaling)
+    else:
+        hf["rope_parameters"] = {"rope_theta": theta, "rope_type": "default", **(scaling or {})}
+    hf.update(extra)
+    return hf
+
+
+LAYOUTS = ["top-level", "rope_parameters"]
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_rope_base_read_from_either_layout(layout):
+    assert model_config_from_hf(rope_config(layout, 5e5)).rotary_base == 5e5
+    assert model_config_from_hf(rope_config(layout, 5e5), rope_theta=8e6).rotary_base == 8e6
+
+
+def test_rope_base_of_configs_transformers_writes():
+    """Whatever layout the installed transformers writes (4: top-level, 5: rope_parameters)."""
+    from transformers import LlamaConfig
+
+    written = LlamaConfig(**{**rope_config("top-level", 5e5), "rope_scaling": None}).to_dict()
+    assert model_config_from_hf(written).rotary_base == 5e5
+    scaled = LlamaConfig(**{**rope_config("top-level", 5e5), "max_position_embeddings": 131072,
+                            "rope_scaling": dict(LLAMA31_SCALING)}).to_dict()
+    with pytest.raises(ConversionError, match="RoPE scaling is not supported"):
+        model_config_from_hf(scaled)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("scaling", [LLAMA31_SCALING, {"rope_type": "yarn", "factor": 4.0},
+                                     {"rope_type": "linear", "factor": 2.0},
+                                     {"type": "dynamic", "factor": 2.0}])
+def test_rope_scaling_refused_in_either_layout(layout, scaling):
+    key = "rope_scaling" if layout == "top-level" else "rope_parameters"
+    kind = scaling.get("rope_type") or scaling["type"]
+    hf = rope_config(layout, 5e5, scaling)
+    if layout == "rope_parameters" and "type" in scaling:
+        hf["rope_parameters"].pop("rope_type")  # a legacy `type` key alone
+    for override in (None, 8e6):  # --rope-theta does not make scaling acceptable
+        with pytest.raises(ConversionError, match="RoPE scaling is not supported") as err:
+            model_config_from_hf(hf, rope_theta=override)
+        assert f"{key}." in str(err.value) and repr(kind) in str(err.value)
+        assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("case", ["theta", "type", "field", "mapping"])
+def test_uninterpretable_rope_settings_name_the_key(layout, case):
+    prefix = "" if layout == "top-level" else "rope_parameters."
+    if case == "theta":
+        hf, needle = rope_config(layout, "500k"), f"{prefix}rope_theta='500k'"
+    elif case == "type":
+        hf = rope_config(layout, 5e5, {"rope_type": "spiral"})
+        needle = f"{'rope_scaling' if layout == 'top-level' else 'rope_parameters'}.rope_type='spiral'"
+    elif case == "field":
+        hf = rope_config(layout, 5e5, {"rope_type": "default", "beta": 3})
+        needle = f"{'rope_scaling' if layout == 'top-level' else 'rope_parameters'}.beta=3"
+    else:
+        key = "rope_scaling" if layout == "top-level" else "rope_parameters"
+        hf, needle = {**rope_config(layout, 5e5), key: "llama3"}, f"{key}='llama3'"
+    with pytest.raises(ConversionError, match="cannot interpret") as err:
+        model_config_from_hf(hf)
+    assert needle in str(err.value)
+
+
+def test_conflicting_rope_bases_refused_unless_overridden():
+    hf = {**rope_config("rope_parameters", 8e6), "rope_theta": 1.28e8}
+    with pytest.raises(ConversionError, match="different RoPE bases"):
+        model_config_from_hf(hf)
+    assert model_config_from_hf(hf, rope_theta=1.28e8).rotary_base == 1.28e8
+    agreeing = {**rope_config("rope_parameters", 8e6), "rope_theta": 8e6}
+    assert model_config_from_hf(agreeing).rotary_base == 8e6
+
+
+def test_exported_config_states_one_base():
+    stale = rope_config("rope_parameters", 8e6)
+    cfg = hf_config_from_model(dataclasses.replace(MODEL, rotary_base=1.28e8), torch.float32, stale)
+    assert cfg["rope_theta"] == 1.28e8 and cfg["rope_scaling"] is None
+    assert "rope_parameters" not in cfg
+    assert model_config_from_hf(cfg).rotary_base == 1.28e8
+
+
+def load_cli():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("convert_cli", os.path.join(ROOT, "tools", "convert.py"))
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    return cli
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_cli_refuses_scaled_rope_with_one_line(hf_dir, tmp_path, capsys, layout):
+    d = copy_dir(hf_dir, tmp_path)
+    with open(os.path.join(d, "config.json"), "w") as f:
+        json.dump(rope_config(layout, 5e5, LLAMA31_SCALING), f)
+    rc = load_cli().main(["hf-to-mcore", "--hf-dir", d, "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and err.startswith("error: ")
+    assert "'llama3'" in err and "RoPE scaling is not supported" in err
+    assert not (tmp_path / "o").exists() and not (tmp_path / "o.partial").exists()
+
+
+def test_export_after_rope_theta_override_reads_back_in_transformers(hf_dir, tmp_path):
+    """The issue's case: a source config in transformers 5's layout (rope_parameters at 8e6),
+    converted with --rope-theta 1.28e8 and exported: transformers reads 1.28e8, in its config and
+    in the model's rotary frequencies."""
+    from transformers import LlamaForCausalLM
+
+    src = copy_dir(hf_dir, tmp_path, "src")
+    with open(os.path.join(src, "config.json"), "w") as f:
+        json.dump({**rope_config("rope_parameters", 8e6), "bos_token_id": 1, "eos_token_id": 2}, f)
+    mcore, export = str(tmp_path / "mcore"), str(tmp_path / "export")
+    for args in (["hf-to-mcore", "--hf-dir", src, "--out", mcore, "--rope-theta", "1.28e8"],
+                 ["mcore-to-hf", "--checkpoint", mcore, "--out", export]):
+        proc = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "convert.py"), *args],
+                              capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "rope base 1.28e+08" in proc.stdout or "rope_theta 1.28e+08" in proc.stdout
+    model = LlamaForCausalLM.from_pretrained(export)
+    assert hf_rope_theta(model.config) == 1.28e8
+    d = MODEL.kv_channels
+    expected = 1.0 / (1.28e8 ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
+    inv_freq = model.model.rotary_emb.inv_freq.double()
+    assert torch.allclose(inv_freq, expected, rtol=1e-6), (inv_freq, expected)
 
 
 # --------------------------------------------------------------------------------------------- files
@@ -274,12 +447,7 @@ def test_tensor_refusals(hf_dir, tmp_path, case, needle):
 
 
 def test_target_layout_refused_and_cli_exits_nonzero(hf_dir, tmp_path, capsys):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("convert_cli", os.path.join(
-        os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools", "convert.py"))
-    cli = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cli)
+    cli = load_cli()
     rc = cli.main(["hf-to-mcore", "--hf-dir", hf_dir, "--out", str(tmp_path / "o"), "--target-tp", "4"])
     err = capsys.readouterr().err
     assert rc == 2 and "error: target layout TP=4" in err and "num_query_groups=2" in err

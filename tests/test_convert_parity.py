@@ -38,6 +38,20 @@ def tiny_hf_model(directory: str, seed: int = 0):
     return model
 
 
+def transformers_major() -> int:
+    import transformers
+
+    return int(transformers.__version__.split(".")[0])
+
+
+def hf_rope_theta(config) -> float:
+    """The RoPE base as the installed transformers exposes it: rope_parameters in 5, the
+    rope_theta attribute in 4 (where a rope_parameters key would be an ignored extra)."""
+    if transformers_major() >= 5:
+        return config.rope_parameters["rope_theta"]
+    return config.rope_theta
+
+
 def hf_logits(model, tokens: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
         return model(tokens).logits.float()
@@ -187,7 +201,7 @@ def test_hf_megatron_hf_parity_round_trip_and_trained_export(tmp_path):
     convert("mcore-to-hf", "--checkpoint", os.path.join(run_dir, "weights"), "--out", export_dir,
             "--tokenizer-dir", tok_dir, "--hf-config", os.path.join(hf_dir, "config.json"))
     exported = LlamaForCausalLM.from_pretrained(export_dir, torch_dtype=torch.float32).eval()
-    assert exported.config.rope_theta == 8e6 and exported.config.max_position_embeddings == 4096
+    assert hf_rope_theta(exported.config) == 8e6 and exported.config.max_position_embeddings == 4096
     diff = (hf_logits(exported, tokens) - trained).abs().max().item()
     assert diff <= 1e-4, f"exported model's logits differ from megatron's by {diff}"
     tok = AutoTokenizer.from_pretrained(export_dir)

@@ -30,7 +30,9 @@ def test_chat_ids_equal_hf_chat_template():
 
     hf = PreTrainedTokenizerFast(tokenizer_file=files[1], bos_token="<|begin_of_text|>",
                                  eos_token="<|eot_id|>")
-    ref = hf.apply_chat_template(CONV, chat_template=LLAMA3_TEMPLATE, tokenize=True)
+    # return_dict=False: a list of ids in transformers 4 and 5 (5 returns a BatchEncoding by default)
+    ref = hf.apply_chat_template(CONV, chat_template=LLAMA3_TEMPLATE, tokenize=True,
+                                 return_dict=False)
     tok = build_tokenizer("llama3", files[0])
     ids, mask = render_chat(tok, CONV)
     assert ids.tolist() == list(ref)

@@ -8,9 +8,12 @@
                 -> HF directory: config.json, generation_config.json, sharded safetensors with
                 model.safetensors.index.json, tokenizer files.
 
-Both directions convert a few tensors at a time. Exit status 2 with an `error:` line when the
-input cannot be converted (biases, tied embeddings, RoPE scaling, missing or truncated shards,
-shape or dtype mismatches, a target layout the model cannot be split into).
+Both directions convert a few tensors at a time. config.json may state RoPE in either layout
+(transformers 4 / hub: rope_theta + rope_scaling; transformers 5: rope_parameters); exports
+write rope_theta at the trained base, which transformers 4 and 5 both read. Exit status 2 with
+one `error:` line when the input cannot be converted (biases, tied embeddings, RoPE scaling in
+either layout, RoPE settings it cannot interpret, missing or truncated shards, shape or dtype
+mismatches, a target layout the model cannot be split into).
 """
 from __future__ import annotations
 
@@ -125,7 +128,7 @@ def main(argv=None) -> int:
             print(f"wrote {args.out}: rope_theta {cfg['rope_theta']:g}, max_position_embeddings "
                   f"{cfg['max_position_embeddings']}, {cfg['torch_dtype']}")
     except ConversionError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print("error: " + " ".join(str(exc).split("\n")), file=sys.stderr)  # one line
         return 2
     return 0
 

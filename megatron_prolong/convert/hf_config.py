@@ -10,6 +10,7 @@ import torch
 
 from megatron_prolong.config import ModelConfig
 from megatron_prolong.convert.errors import ConversionError
+from megatron_prolong.convert.rope import STALE_ROPE_KEYS, hub_layout, read_rope
 
 DTYPE_NAMES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -41,9 +42,6 @@ def _refusals(hf: dict) -> list[str]:
     if hf.get("tie_word_embeddings", False):
         problems.append("tie_word_embeddings=true: Llama-3 keeps untied input and output "
                         "embeddings and so does the megatron model")
-    if hf.get("rope_scaling"):
-        problems.append(f"rope_scaling={hf['rope_scaling']}: RoPE scaling is not supported; ProLong "
-                        "raises rope_theta instead (pass --rope-theta)")
     if hf.get("sliding_window") or hf.get("use_sliding_window"):
         problems.append(f"sliding_window={hf.get('sliding_window')}: sliding-window attention is not "
                         "supported")
@@ -60,14 +58,16 @@ def _refusals(hf: dict) -> list[str]:
 def model_config_from_hf(hf: dict, *, rope_theta: Optional[float] = None,
                          max_position_embeddings: Optional[int] = None,
                          where: str = "config.json") -> ModelConfig:
-    """The ModelConfig of an HF Llama config; refuses what the mapping does not cover."""
-    problems = _refusals(hf)
+    """The ModelConfig of an HF Llama config (either RoPE layout: see rope.py); refuses what
+    the mapping does not cover, in one line that names every offending key."""
+    theta, rope_problems = read_rope(hf, rope_theta)
+    problems = _refusals(hf) + rope_problems
     missing = [k for k in ("num_hidden_layers", "hidden_size", "intermediate_size",
                            "num_attention_heads", "vocab_size") if k not in hf]
     if missing:
         problems.append(f"missing keys {missing}")
     if problems:
-        raise ConversionError(f"{where}: cannot convert this model:\n  - " + "\n  - ".join(problems))
+        raise ConversionError(f"{where}: cannot convert this model: " + "; ".join(problems))
     heads = int(hf["num_attention_heads"])
     return ModelConfig(
         num_layers=int(hf["num_hidden_layers"]),
@@ -77,7 +77,7 @@ def model_config_from_hf(hf: dict, *, rope_theta: Optional[float] = None,
         num_query_groups=int(hf.get("num_key_value_heads") or heads),
         vocab_size=int(hf["vocab_size"]),
         max_position_embeddings=int(max_position_embeddings or hf.get("max_position_embeddings", 8192)),
-        rotary_base=float(rope_theta if rope_theta is not None else hf.get("rope_theta", 10000.0)),
+        rotary_base=theta,
         norm_epsilon=float(hf.get("rms_norm_eps", 1e-6)),
         init_method_std=float(hf.get("initializer_range", 0.02)),
     )
@@ -85,9 +85,11 @@ def model_config_from_hf(hf: dict, *, rope_theta: Optional[float] = None,
 
 def hf_config_from_model(m: ModelConfig, dtype: torch.dtype, template: Optional[dict] = None) -> dict:
     """An HF LlamaForCausalLM config.json for the model; fields the model does not determine
-    (token ids, ...) come from `template` (the source model's config) when given."""
+    (token ids, ...) come from `template` (the source model's config) when given. The RoPE base is
+    the trained one, in the layout transformers 4 and 5 both read (the template's RoPE keys, in
+    whichever layout, are dropped: a stale rope_parameters would win in transformers 5)."""
     cfg: dict[str, Any] = dict(template or {})
-    for stale in ("_name_or_path", "transformers_version", "rope_scaling", "dtype"):
+    for stale in ("_name_or_path", "transformers_version", "dtype", *STALE_ROPE_KEYS):
         cfg.pop(stale, None)
     cfg.update(
         architectures=["LlamaForCausalLM"],
@@ -100,8 +102,7 @@ def hf_config_from_model(m: ModelConfig, dtype: torch.dtype, template: Optional[
         head_dim=m.kv_channels,
         vocab_size=m.vocab_size,
         max_position_embeddings=m.max_position_embeddings,
-        rope_theta=m.rotary_base,
-        rope_scaling=None,
+        **hub_layout(m.rotary_base),
         rms_norm_eps=m.norm_epsilon,
         hidden_act="silu",
         attention_bias=False,

@@ -58,7 +58,7 @@ def check_hf_tensors(ckpt: HFCheckpoint, model: ModelConfig, dtype: Optional[tor
     elif dtype is None and len(dtypes) > 1:
         problems.append(f"mixed dtypes {sorted(map(str, dtypes))}; pass --dtype to choose one")
     if problems:
-        raise ConversionError(f"{ckpt.directory}: cannot convert:\n  - " + "\n  - ".join(problems))
+        raise ConversionError(f"{ckpt.directory}: cannot convert: " + "; ".join(problems))
     return dtype or dtypes.pop()
 
 

@@ -14,8 +14,10 @@ fragment of a tensor requested at once on a single process).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import warnings
 from typing import Optional
 
 import torch
@@ -36,6 +38,16 @@ def check_checkpoint_dir(directory: str) -> None:
                               "checkpoints are supported")
     if not os.path.isfile(os.path.join(directory, ".metadata")):
         raise ConversionError(f"{directory}: .metadata is missing; the save did not finish")
+
+
+@contextlib.contextmanager
+def _single_process_dcp():
+    """torch.distributed.checkpoint used on purpose without a process group (no_dist=True):
+    silence its warning that it assumes a single process."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or "
+                                "uninitialized", category=UserWarning)
+        yield
 
 
 # ---------------------------------------------------------------------------------------------
@@ -155,7 +167,8 @@ def save_mcore_checkpoint(model: ModelConfig, dtype: torch.dtype, produce_unit, 
     # One file per item: the writer keeps every tensor of a file alive until the file is closed.
     writer = dcp.FileSystemWriter(directory, single_file_per_rank=False, thread_count=1)
     planner = _lazy_save_planner([item for item, _ in items], produce)
-    dcp.save({}, storage_writer=writer, planner=planner, no_dist=True)
+    with _single_process_dcp():
+        dcp.save({}, storage_writer=writer, planner=planner, no_dist=True)
     save_config(CheckpointingConfig(sharded_strategy.backend, sharded_strategy.version,
                                     common_strategy.backend, common_strategy.version), directory)
 
@@ -218,6 +231,7 @@ def read_regions(directory: str, requests: list[tuple[str, Optional[int], tuple[
             buf = torch.empty((1, *shape), dtype=dtype)
             planned.append((key, (layer,) + (0,) * len(shape), buf))
             out.append(buf[0])
-    dcp.load({}, storage_reader=dcp.FileSystemReader(directory), planner=_region_planner(planned),
-             no_dist=True)
+    with _single_process_dcp():
+        dcp.load({}, storage_reader=dcp.FileSystemReader(directory),
+                 planner=_region_planner(planned), no_dist=True)
     return out

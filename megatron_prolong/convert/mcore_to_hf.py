@@ -65,7 +65,7 @@ def check_checkpoint_tensors(meta: dict, model: ModelConfig, where: str) -> torc
     if len(dtypes) > 1:
         problems.append(f"mixed dtypes {sorted(map(str, dtypes))}")
     if problems:
-        raise ConversionError(f"{where}: does not match the model config:\n  - " + "\n  - ".join(problems))
+        raise ConversionError(f"{where}: does not match the model config: " + "; ".join(problems))
     return dtypes.pop()
 
 

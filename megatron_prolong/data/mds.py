@@ -1,16 +1,25 @@
-"""A small reader for mosaicml-streaming MDS shards (the format of the released ProLong data).
+"""A reader for mosaicml-streaming MDS data (the format of the released ProLong data), with
+format errors that name the shard and the sample.
 
-No dependency on the streaming package. Format: a directory with ``index.json`` listing shards;
-each shard file is ``uint32 n`` + ``uint32 offsets[n+1]`` (absolute byte offsets) + samples.
-A sample starts with a uint32 size for every variable-size column, then the columns' bytes.
-Shards may be zstd-compressed (``zip_data``), in which case the raw file is decompressed.
+No dependency on the streaming package. Layout: a directory with ``index.json`` listing shards;
+each shard file is ``uint32 n`` + ``uint32 offsets[n+1]`` (absolute byte offsets) + the writer's
+config + samples. A sample starts with a uint32 size for every variable-size column, then the
+columns' bytes. Shards may be zstd-compressed (``zip_data``).
+
+The ProLong release (princeton-nlp/prolong-data-64K, -512K, prolong-ultrachat-64K) has, per
+domain directory, a merged ``index.json`` whose shard names are ``procNN-64/shard.NNNNN.mds``,
+and every ``procNN-64/`` keeps its own ``index.json`` too (the ultrachat set: a root index.json
+over ``0-0/``). ProLong's loader reads one stream per domain directory; so does
+``find_streams``: a directory with an index.json is one stream and nothing below it is read
+separately, so each sample is read once.
 """
 from __future__ import annotations
 
 import json
 import os
 import pickle
-from typing import Any, Iterator
+from dataclasses import dataclass
+from typing import Any, Iterator, Optional
 
 import numpy as np
 
@@ -18,10 +27,30 @@ _SCALARS = {n: np.dtype(n) for n in ("uint8", "uint16", "uint32", "uint64", "int
                                       "int32", "int64", "float16", "float32", "float64")}
 _NDARRAY_CODES = {8: "uint8", 9: "int8", 16: "uint16", 17: "int16", 18: "float16", 32: "uint32",
                   33: "int32", 34: "float32", 64: "uint64", 65: "int64", 66: "float64"}
+_OTHER_ENCODINGS = ("str", "bytes", "int", "json", "pkl")
+LFS_POINTER_PREFIX = b"version https://git-lfs.github.com/spec/"
+LFS_HINT = ("it is a Git-LFS pointer file, not the data: the repository was cloned without "
+            "git-lfs. Run `git lfs pull` in the clone, or download with `huggingface-cli download "
+            "--repo-type dataset ...`")
 
 
 class MDSFormatError(ValueError):
-    pass
+    """The input is not the MDS data it claims to be; the message names the file (and sample)."""
+
+
+def is_lfs_pointer(path: str) -> bool:
+    with open(path, "rb") as f:
+        return f.read(len(LFS_POINTER_PREFIX)) == LFS_POINTER_PREFIX
+
+
+# ---------------------------------------------------------------------------------------------
+# Columns
+# ---------------------------------------------------------------------------------------------
+def encoding_supported(encoding: str) -> bool:
+    if encoding.startswith("ndarray"):
+        parts = encoding.split(":")
+        return len(parts) <= 3 and (len(parts) < 2 or not parts[1] or parts[1] in _SCALARS)
+    return encoding in _SCALARS or encoding in _OTHER_ENCODINGS
 
 
 def _decode_ndarray(spec: str, data: bytes) -> np.ndarray:
@@ -43,6 +72,8 @@ def _decode_ndarray(spec: str, data: bytes) -> np.ndarray:
 
 
 def decode_column(encoding: str, data: bytes, allow_pickle: bool = False) -> Any:
+    """One column's value; raises (ValueError, KeyError, IndexError...) on bytes that do not
+    decode, which the sample reader turns into a message naming shard, sample and column."""
     if encoding.startswith("ndarray"):
         return _decode_ndarray(encoding, data)
     if encoding == "str":
@@ -50,9 +81,11 @@ def decode_column(encoding: str, data: bytes, allow_pickle: bool = False) -> Any
     if encoding == "bytes":
         return data
     if encoding == "int":
-        return int(np.frombuffer(data, np.int64)[0])
+        (value,) = np.frombuffer(data, np.int64)
+        return int(value)
     if encoding in _SCALARS:
-        return np.frombuffer(data, _SCALARS[encoding])[0].item()
+        (value,) = np.frombuffer(data, _SCALARS[encoding])
+        return value.item()
     if encoding == "json":
         return json.loads(data.decode("utf-8"))
     if encoding == "pkl":
@@ -63,62 +96,169 @@ def decode_column(encoding: str, data: bytes, allow_pickle: bool = False) -> Any
     raise MDSFormatError(f"unsupported MDS column encoding {encoding!r}")
 
 
-def find_mds_dirs(root: str) -> list[str]:
-    """Every directory under root (root included) that holds an index.json, sorted."""
+# ---------------------------------------------------------------------------------------------
+# Streams and their index
+# ---------------------------------------------------------------------------------------------
+def find_streams(root: str) -> list[str]:
+    """The stream directories under root (root included), sorted: a directory holding an
+    index.json is one stream and is not searched further (its procNN-64/ parts are listed by its
+    merged index)."""
     if not os.path.isdir(root):
-        raise FileNotFoundError(f"MDS input {root!r} is not a directory")
-    dirs = sorted(d for d, _, files in os.walk(root) if "index.json" in files)
-    if not dirs:
-        raise FileNotFoundError(f"no index.json under {root!r}: not an MDS dataset directory")
-    return dirs
+        raise MDSFormatError(f"{root}: not a directory (expected the downloaded MDS dataset)")
+    streams = []
+    for d, subdirs, files in os.walk(root):
+        subdirs.sort()
+        if "index.json" in files:
+            streams.append(d)
+            subdirs.clear()  # the merged index covers them
+    if not streams:
+        raise MDSFormatError(f"{root}: no index.json in it or below: not an MDS dataset")
+    return sorted(streams)
 
 
-def _shard_bytes(dirname: str, shard: dict) -> bytes:
-    raw = os.path.join(dirname, shard["raw_data"]["basename"])
+@dataclass
+class Shard:
+    stream: str            # the stream directory
+    name: str              # path relative to the stream, e.g. proc03-64/shard.00012.mds
+    samples: int
+    columns: list[tuple[str, str, Optional[int]]]  # (name, encoding, fixed size or None)
+    raw_bytes: Optional[int]
+    zip_name: Optional[str]
+    zip_bytes: Optional[int]
+    compression: Optional[str]
+
+    @property
+    def where(self) -> str:
+        return os.path.join(self.stream, self.name)
+
+
+def read_index(stream: str) -> list[Shard]:
+    """The shards index.json lists, checked before any data is read: format, column encodings
+    and that every shard file is present with the size the index records."""
+    path = os.path.join(stream, "index.json")
+    if is_lfs_pointer(path):
+        raise MDSFormatError(f"{path}: {LFS_HINT}")
+    try:
+        with open(path) as f:
+            index = json.load(f)
+        entries = index["shards"]
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as exc:
+        raise MDSFormatError(f"{path}: not an MDS index ({type(exc).__name__}: {exc})") from None
+    shards = []
+    for k, e in enumerate(entries):
+        try:
+            raw, zipped = e["raw_data"], e.get("zip_data")
+            shard = Shard(stream, raw["basename"], int(e["samples"]),
+                          list(zip(e["column_names"], e["column_encodings"], e["column_sizes"])),
+                          raw.get("bytes"), zipped and zipped["basename"],
+                          zipped and zipped.get("bytes"), e.get("compression"))
+            fmt = e.get("format")
+        except (KeyError, TypeError, ValueError) as exc:
+            raise MDSFormatError(f"{path}: shard entry {k} is malformed ({type(exc).__name__}: "
+                                 f"{exc})") from None
+        if fmt != "mds":
+            raise MDSFormatError(f"{shard.where}: shard format {fmt!r} is not mds")
+        for col, enc, _ in shard.columns:
+            if not isinstance(enc, str) or not encoding_supported(enc):
+                raise MDSFormatError(f"{shard.where}: column {col!r} has type {enc!r}, which "
+                                     "this reader does not know")
+        _check_present(shard)
+        shards.append(shard)
+    return shards
+
+
+def _check_present(shard: Shard) -> None:
+    raw = os.path.join(shard.stream, shard.name)
+    if os.path.exists(raw):
+        _check_file(raw, shard.raw_bytes)
+        return
+    if shard.zip_name and os.path.exists(os.path.join(shard.stream, shard.zip_name)):
+        if not (shard.compression or "").startswith("zstd"):
+            raise MDSFormatError(f"{shard.where}: compression {shard.compression!r} is not "
+                                 "supported (zstd only)")
+        _check_file(os.path.join(shard.stream, shard.zip_name), shard.zip_bytes)
+        return
+    raise MDSFormatError(f"{shard.where}: missing (index.json lists it; incomplete download?)")
+
+
+def _check_file(path: str, expected: Optional[int]) -> None:
+    size = os.path.getsize(path)
+    if size != expected and is_lfs_pointer(path):
+        raise MDSFormatError(f"{path}: {LFS_HINT}")
+    if expected is not None and size != expected:
+        raise MDSFormatError(f"{path}: {size} bytes, index.json says {expected}: "
+                             f"{'truncated' if size < expected else 'not the indexed file'}; "
+                             "download the shard again")
+
+
+def _shard_bytes(shard: Shard) -> bytes:
+    raw = os.path.join(shard.stream, shard.name)
     if os.path.exists(raw):
         with open(raw, "rb") as f:
             return f.read()
-    zip_data = shard.get("zip_data")
-    if zip_data and os.path.exists(os.path.join(dirname, zip_data["basename"])):
-        comp = shard.get("compression") or ""
-        if not comp.startswith("zstd"):
-            raise MDSFormatError(f"{dirname}: shard compression {comp!r} not supported (zstd only)")
-        import zstandard
+    import zstandard
 
-        with open(os.path.join(dirname, zip_data["basename"]), "rb") as f:
-            return zstandard.ZstdDecompressor().decompress(f.read(),
-                                                           max_output_size=1 << 34)
-    raise FileNotFoundError(f"{dirname}: shard {raw!r} is missing (incomplete download?)")
+    with open(os.path.join(shard.stream, shard.zip_name), "rb") as f:
+        try:
+            data = zstandard.ZstdDecompressor().decompress(f.read(), max_output_size=1 << 34)
+        except zstandard.ZstdError as exc:
+            raise MDSFormatError(f"{shard.where}: does not decompress ({exc})") from None
+    if shard.raw_bytes is not None and len(data) != shard.raw_bytes:
+        raise MDSFormatError(f"{shard.where}: decompresses to {len(data)} bytes, index.json says "
+                             f"{shard.raw_bytes}")
+    return data
 
 
-def iter_mds_samples(dirname: str, allow_pickle: bool = False
-                     ) -> Iterator[tuple[str, int, dict]]:
-    """Yield (shard basename, sample index in shard, decoded sample) for one MDS directory,
-    one shard in memory at a time."""
-    with open(os.path.join(dirname, "index.json")) as f:
-        index = json.load(f)
-    for shard in index["shards"]:
-        if shard.get("format") != "mds":
-            raise MDSFormatError(f"{dirname}: shard format {shard.get('format')!r} is not mds")
-        names, encs = shard["column_names"], shard["column_encodings"]
-        sizes = shard["column_sizes"]
-        data = _shard_bytes(dirname, shard)
-        name = shard["raw_data"]["basename"]
-        n = int(np.frombuffer(data[:4], np.uint32)[0])
-        if n != shard["samples"]:
-            raise MDSFormatError(f"{dirname}/{name}: holds {n} samples, index.json says "
-                                 f"{shard['samples']}")
-        offsets = np.frombuffer(data[4:8 + 4 * n], np.uint32).astype(np.int64)
-        if offsets[-1] > len(data):
-            raise MDSFormatError(f"{dirname}/{name}: truncated ({len(data)} bytes, offsets "
-                                 f"reach {offsets[-1]})")
-        n_var = sum(1 for s in sizes if s is None)
-        for k in range(n):
-            blob = data[offsets[k]:offsets[k + 1]]
-            var = iter(np.frombuffer(blob[:4 * n_var], np.uint32).tolist())
-            pos, sample = 4 * n_var, {}
-            for col, enc, size in zip(names, encs, sizes):
-                size = next(var) if size is None else size
+def _sample_offsets(shard: Shard, data: bytes) -> np.ndarray:
+    """The n+1 sample offsets of a shard, after checking its header is consistent."""
+    if len(data) < 4:
+        raise MDSFormatError(f"{shard.where}: {len(data)} bytes, too short for an MDS shard")
+    n = int(np.frombuffer(data[:4], np.uint32)[0])
+    if n != shard.samples:
+        raise MDSFormatError(f"{shard.where}: header says {n} samples, index.json says "
+                             f"{shard.samples}: the shard is garbled or not the indexed one")
+    header_end = 8 + 4 * n
+    if len(data) < header_end:
+        raise MDSFormatError(f"{shard.where}: truncated inside its header")
+    offsets = np.frombuffer(data[4:header_end], np.uint32).astype(np.int64)
+    # the writer's config (JSON) sits between the offsets and the first sample
+    if offsets[0] < header_end or (np.diff(offsets) < 0).any() or offsets[-1] != len(data):
+        raise MDSFormatError(f"{shard.where}: garbled sample offsets (first {offsets[0]}, last "
+                             f"{offsets[-1]}, file {len(data)} bytes)")
+    return offsets
+
+
+def iter_shard(shard: Shard, allow_pickle: bool = False) -> Iterator[tuple[int, dict]]:
+    """(sample index, decoded sample) for every sample of one shard, one shard in memory."""
+    data = _shard_bytes(shard)
+    offsets = _sample_offsets(shard, data)
+    n_var = sum(1 for _, _, size in shard.columns if size is None)
+    for k in range(shard.samples):
+        blob = data[offsets[k]:offsets[k + 1]]
+        sizes = np.frombuffer(blob[:4 * n_var], np.uint32).tolist() if len(blob) >= 4 * n_var else []
+        fixed = [s for _, _, s in shard.columns if s is not None]
+        if len(sizes) != n_var or 4 * n_var + sum(sizes) + sum(fixed) != len(blob):
+            raise MDSFormatError(f"{shard.where} sample {k}: garbled (its column sizes do not "
+                                 f"add up to its {len(blob)} bytes)")
+        var = iter(sizes)
+        pos, sample = 4 * n_var, {}
+        for col, enc, size in shard.columns:
+            size = next(var) if size is None else size
+            try:
                 sample[col] = decode_column(enc, blob[pos:pos + size], allow_pickle)
-                pos += size
-            yield name, k, sample
+            except MDSFormatError as exc:
+                raise MDSFormatError(f"{shard.where} sample {k} column {col!r}: {exc}") from None
+            except (ValueError, KeyError, IndexError, UnicodeDecodeError) as exc:
+                raise MDSFormatError(f"{shard.where} sample {k} column {col!r}: does not decode "
+                                     f"as {enc} ({type(exc).__name__}: {exc})") from None
+            pos += size
+        yield k, sample
+
+
+def iter_stream(stream: str, allow_pickle: bool = False) -> Iterator[tuple[Shard, int, dict]]:
+    """(shard, sample index, sample) for one stream directory, in index order; the whole index
+    is checked (formats, columns, files present and complete) before the first sample."""
+    shards = read_index(stream)
+    for shard in shards:
+        for k, sample in iter_shard(shard, allow_pickle):
+            yield shard, k, sample

@@ -145,6 +145,15 @@ class Llama3Tokenizer(Tokenizer):
     def decode(self, ids: Sequence[int]) -> str:
         return self._enc.decode([int(i) for i in ids])
 
+    def decode_bytes(self, ids: Sequence[int]) -> bytes:
+        """The exact bytes (a token may hold part of a UTF-8 character; decode() replaces it)."""
+        return self._enc.decode_bytes([int(i) for i in ids])
+
+    @property
+    def special_base(self) -> int:
+        """Ids from here on are the 256 special tokens (llama3_special_tokens() order)."""
+        return self.vocab_size - LLAMA3_NUM_SPECIAL
+
 
 class SentencePieceTokenizer(Tokenizer):
     """Llama-2 style sentencepiece model."""
