@@ -102,6 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    from megatron_prolong.config import ConfigError
     from megatron_prolong.convert import ConversionError
 
     try:
@@ -127,7 +128,7 @@ def main(argv=None) -> int:
                               overwrite=args.overwrite)
             print(f"wrote {args.out}: rope_theta {cfg['rope_theta']:g}, max_position_embeddings "
                   f"{cfg['max_position_embeddings']}, {cfg['torch_dtype']}")
-    except ConversionError as exc:
+    except (ConversionError, ConfigError) as exc:  # ConfigError: CheckpointError's base too
         print("error: " + " ".join(str(exc).split("\n")), file=sys.stderr)  # one line
         return 2
     return 0
