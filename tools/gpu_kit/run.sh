@@ -6,13 +6,14 @@
 # then runs tools/gpu_kit/run_kit.py: env, `pytest -m gpu`, the kernel check, the 64K benchmark
 # per attention backend, the HF peer; results.json, results.md and kit.log land in OUT_DIR.
 set -uo pipefail
-cd "$(dirname "$0")/../.."
+cd "$(dirname "$0")/../.." || exit 2
 export PYTHONUNBUFFERED=1 PIP_ROOT_USER_ACTION=ignore PIP_DISABLE_PIP_VERSION_CHECK=1
 site=${KIT_SITE:-/tmp/site}
-if compgen -G ".whl/*.whl" >/dev/null; then
-    echo "[kit] installing $(ls .whl/*.whl | wc -l) wheels from .whl/ into $site"
+wheels=(.whl/*.whl)
+if [ -e "${wheels[0]}" ]; then
+    echo "[kit] installing ${#wheels[@]} wheels from .whl/ into $site"
     if ! python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-            --target "$site" .whl/*.whl; then
+            --target "$site" "${wheels[@]}"; then
         echo "error: pip could not install .whl/*.whl into $site (one version of each, cp312" \
              "x86_64 wheels: rerun tools/gpu_kit/fetch_wheels.py)" >&2
         exit 2

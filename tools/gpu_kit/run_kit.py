@@ -48,6 +48,7 @@ BACKEND_OVERRIDES = {
        for k in ("flex", "varlen", "flash", "sdpa")},
 }
 RESERVE_S = 20  # kept for writing the report after the last stage
+_now = time.monotonic  # the budget's clock
 
 
 def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
@@ -65,7 +66,7 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     p.add_argument("--merge", nargs="+", metavar="RESULTS.json",
                    help="only merge these results files into OUT's results.json/results.md")
     p.add_argument("--probe", action="store_true", help=argparse.SUPPRESS)
-    return p.parse_args(argv)
+    return p.parse_intermixed_args(argv)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -341,7 +342,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         merged = merge(ns.out, ns.merge)
         print(render_markdown(merged))
         return 0
-    start = time.monotonic()
+    start = _now()
     wanted = [s for s in (ns.stages or list(STAGES)) if s != "env"]
     for stage in wanted:
         if stage.partition(":")[0] not in STAGES:
@@ -359,7 +360,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             open(os.path.join(ns.out, "kit.log"), "a") as log:
         while queue:
             stage = queue.pop(0)
-            left = ns.budget_s - (time.monotonic() - start) - RESERVE_S
+            left = ns.budget_s - (_now() - start) - RESERVE_S
             limit, least = LIMITS[stage.partition(":")[0]]
             if left < least:
                 results["deferred"] = [stage] + queue
@@ -367,16 +368,16 @@ def main(argv: Optional[list[str]] = None) -> int:
             header = f"\n[kit] ==== {stage} (limit {min(limit, left):.0f} s) ===="
             print(header, flush=True)
             log.write(header + "\n")
-            began = time.monotonic()
+            began = _now()
             try:
                 rc, tail = run_process(stage_command(stage, ns, parts), min(limit, left), log)
                 note = collect(stage, rc, tail, parts, results, profiles)
             except Exception as exc:  # the kit itself must not stop at one stage's surprise
                 rc, note = -1, f"{type(exc).__name__}: {exc}"
             status = "ok" if rc == 0 else "timed out" if rc is None else f"failed (exit {rc})"
-            results["stages"].append(dict(stage=stage, status=status, seconds=time.monotonic() -
+            results["stages"].append(dict(stage=stage, status=status, seconds=_now() -
                                           began, note=note))
-            print(f"[kit] {stage}: {status} in {time.monotonic() - began:.0f} s: {note}",
+            print(f"[kit] {stage}: {status} in {_now() - began:.0f} s: {note}",
                   flush=True)
             if stage == "env":  # "bench" becomes one stage per backend that can run here
                 queue = expand(wanted, results["env"])
