@@ -59,6 +59,27 @@ def test_peer_packed_row_equals_documents_run_alone(peer):
     assert unmasked > 1e-3  # the mask (and the position restarts) matter
 
 
+@pytest.mark.slow
+def test_peer_flex_path_masks_documents(peer, monkeypatch):
+    """The flex peer's plumbing (our BlockMask through transformers' flex_attention forward),
+    run on CPU with transformers' compiled flex call swapped for the eager one (forward only:
+    PyTorch has no CPU backward for FlexAttention; the GPU test covers training)."""
+    from contextlib import nullcontext
+
+    if not peer._flex_supported():
+        pytest.skip("this transformers has no flex_attention for Llama")
+    integration = pytest.importorskip("transformers.integrations.flex_attention")
+    if not hasattr(integration, "compile_friendly_flex_attention"):
+        pytest.skip("transformers' flex integration has another layout")
+    from torch.nn.attention.flex_attention import flex_attention
+
+    monkeypatch.setattr(integration, "compile_friendly_flex_attention",
+                        lambda q, k, v, training=False, **kw: flex_attention(q, k, v, **kw))
+    masked, unmasked = peer_hidden_packed_vs_alone(peer, "flex", "cpu", nullcontext)
+    assert masked <= 1e-5
+    assert unmasked > 1e-3
+
+
 def test_chunked_loss_equals_full_logits_loss(peer):
     g = torch.Generator().manual_seed(0)
     hidden = torch.randn(300, 32, generator=g)
