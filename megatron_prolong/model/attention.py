@@ -26,6 +26,7 @@ import functools
 import inspect
 import math
 import warnings
+import weakref
 from typing import Optional
 
 import torch
@@ -149,6 +150,25 @@ def document_block_mask(cu_seqlens: torch.Tensor, total: int,
                                          seq_lengths=(total, total))
 
 
+class _LastBlockMask:
+    """The BlockMask of the last cu_seqlens tensor seen: every layer of a forward (and its
+    recomputation) gets the same PackedSeqParams tensor, so the mask is built once per row.
+    Holds the tensor weakly and checks its version, so a new or changed row never matches."""
+
+    def __init__(self) -> None:
+        self._ref, self._key, self._mask = None, None, None
+
+    def get(self, cu_seqlens: torch.Tensor, total: int):
+        key = (cu_seqlens._version, total, FLEX_BLOCK_SIZE)
+        if self._ref is None or self._ref() is not cu_seqlens or self._key != key:
+            mask = document_block_mask(cu_seqlens.to(torch.int32), total, FLEX_BLOCK_SIZE)
+            self._ref, self._key, self._mask = weakref.ref(cu_seqlens), key, mask
+        return self._mask
+
+
+_last_block_mask = _LastBlockMask()
+
+
 @functools.lru_cache(maxsize=1)
 def _compiled_flex_attention():
     # One compiled kernel for every layer and row of a fixed length; new BlockMasks are inputs.
@@ -158,7 +178,7 @@ def _compiled_flex_attention():
 def flex_document_attention(q, k, v, cu_seqlens: torch.Tensor, scale: float) -> torch.Tensor:
     """[t, heads, d] queries, [t, groups, d] keys/values -> [t, heads, d], FlexAttention."""
     flex = _flex_module()
-    block_mask = document_block_mask(cu_seqlens, q.shape[0])
+    block_mask = _last_block_mask.get(cu_seqlens, q.shape[0])
     qb, kb, vb = (x.transpose(0, 1).unsqueeze(0) for x in (q, k, v))  # [1, n, t, d]
     gqa = k.shape[1] != q.shape[1]
     if q.is_cuda:
@@ -233,7 +253,7 @@ def varlen_causal_attention(q, k, v, cu_seqlens, max_seqlen: Optional[int], scal
     if name == "varlen":
         return _torch_varlen_attention(q, k, v, cu, max_seqlen, scale)
     if name == "flex":
-        return flex_document_attention(q, k, v, cu, scale)
+        return flex_document_attention(q, k, v, cu_seqlens.to(q.device), scale)
     return attention_per_document(q, k, v, cu, scale)
 
 
