@@ -92,6 +92,26 @@ def test_block_mask_is_built_once_per_row_tensor():
     assert torch.equal(changed, _reference_mask([25, 5]))
 
 
+def test_compiled_flex_compiles_once_for_every_document_layout():
+    """A new row brings a new BlockMask and mask_mod closure: torch.compile must take them as
+    inputs, not recompile (past its recompile limit it would fall back to eager attention,
+    which materialises [heads, t, t] scores). aot_eager traces as the CUDA build does, on CPU."""
+    from torch._dynamo.utils import counters
+    from torch.nn.attention.flex_attention import flex_attention
+
+    torch._dynamo.reset()
+    compiled = torch.compile(flex_attention, backend="aot_eager", dynamic=False)
+    q, k, v = (x.detach() for x in _qkv(256, 4, 2, 16, seed=0))
+    qb, kb, vb = (x.transpose(0, 1)[None] for x in (q, k, v))
+    before = counters["stats"]["unique_graphs"]
+    for lengths in ([256], [100, 156], [1, 85, 170], [3, 3, 250]):
+        mask = document_block_mask(_cu(lengths), 256, 64)
+        out = compiled(qb, kb, vb, block_mask=mask, scale=0.25, enable_gqa=True)
+        want = attention_per_document(q, k, v, _cu(lengths), 0.25)
+        assert (out[0].transpose(0, 1) - want).abs().max().item() <= 2e-5
+    assert counters["stats"]["unique_graphs"] - before == 1
+
+
 @pytest.fixture
 def cpu_flex_backward(monkeypatch):
     """Lift FlexAttention's up-front refusal of CPU backward (tests only)."""

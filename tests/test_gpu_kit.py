@@ -95,6 +95,27 @@ def test_stage_loop_records_failures_and_defers_what_does_not_fit(tmp_path, monk
     assert "run.sh OUT_DIR peer" in (tmp_path / "results.md").read_text()
 
 
+def test_peer_out_of_memory_runs_again_with_bf16_weights(tmp_path, monkeypatch):
+    kit = _kit_module("run_kit")
+    commands = []
+
+    def fake_run(cmd, limit, log):
+        commands.append(cmd)
+        if "--probe" in cmd:
+            return 0, json.dumps(dict(bench_backends=["local-flex"])) + "\n"
+        if "bf16" in cmd:
+            return 0, ""
+        return 1, "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 4.00 GiB\n"
+
+    monkeypatch.setattr(kit, "run_process", fake_run)
+    kit.main([str(tmp_path), "peer:flex"])
+    stages = [s["stage"] for s in json.loads((tmp_path / "results.json").read_text())["stages"]]
+    assert stages == ["env", "peer:flex", "peer-bf16:flex"]
+    retry = commands[-1]
+    assert retry[retry.index("--param-dtype") + 1] == "bf16"
+    assert retry[retry.index("--attention") + 1] == "flex"
+
+
 def _row(name, kind, tokens_per_s):
     return dict(name=name, kind=kind, seq_length=65536, global_batch_size=2, layers=8,
                 hidden_size=4096, timed_steps=4, step_time_s=131072 / tokens_per_s,

@@ -12,7 +12,8 @@ Stages, in this order; a stage that fails is recorded and the next one runs:
   bench    tools/bench_train.py on examples/bench_64k_1gpu.yaml, once per backend available:
            bench:local-flex, bench:local-varlen, bench:te, bench:local-flash (and
            bench:local-sdpa when named)
-  peer     tools/bench_hf_peer.py, the HF transformers peer (peer:flash|flex|sdpa to choose)
+  peer     tools/bench_hf_peer.py, the HF transformers peer (peer:flash|flex|sdpa to choose);
+           out of GPU memory with fp32 master weights, it runs again as peer-bf16 (bf16 weights)
 Each stage is its own process under a time limit. A stage that would not fit in what is left
 of --budget-s is deferred: the log ends with the command that runs the rest, and --merge makes
 one report of several runs. OUT_DIR receives results.json (everything), results.md (tables),
@@ -40,7 +41,7 @@ RECIPE = os.path.join("examples", "bench_64k_1gpu.yaml")
 STAGES = ("env", "tests", "kernels", "bench", "peer")
 # stage -> (time limit in seconds, least time left that is worth starting it)
 LIMITS = {"env": (180, 0), "tests": (360, 60), "kernels": (300, 60), "bench": (420, 150),
-          "peer": (420, 150)}
+          "peer": (420, 150), "peer-bf16": (420, 150)}
 BACKEND_ORDER = ("local-flex", "local-varlen", "te", "local-flash")
 BACKEND_OVERRIDES = {
     "te": ["model.attention_backend=te"],
@@ -148,10 +149,12 @@ def stage_command(stage: str, ns, parts: str) -> list[str]:
         return ([py, os.path.join(TOOLS, "bench_train.py"), RECIPE, *BACKEND_OVERRIDES[variant],
                  *steps, "--name", variant, "--json", os.path.join(parts, f"{stage}.json")]
                 + tiny + profile)
-    if kind == "peer":
-        attention = variant or "auto"
+    if kind in ("peer", "peer-bf16"):
+        weights = ["--param-dtype", "bf16", "--name", f"hf-peer-{variant or 'auto'}-bf16-weights"
+                   ] if kind == "peer-bf16" else []
         return ([py, os.path.join(TOOLS, "bench_hf_peer.py"), RECIPE, *steps, "--attention",
-                 attention, "--json", os.path.join(parts, f"{stage}.json")] + tiny + profile)
+                 variant or "auto", *weights, "--json", os.path.join(parts, f"{stage}.json")]
+                + tiny + profile)
     raise ValueError(f"unknown stage {stage!r}: choose {', '.join(STAGES)}, bench:BACKEND or "
                      "peer:ATTENTION")
 
@@ -345,7 +348,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     start = _now()
     wanted = [s for s in (ns.stages or list(STAGES)) if s != "env"]
     for stage in wanted:
-        if stage.partition(":")[0] not in STAGES:
+        if stage.partition(":")[0] not in LIMITS:
             print(f"error: unknown stage {stage!r}: choose {', '.join(STAGES)}, bench:BACKEND "
                   "or peer:ATTENTION", file=sys.stderr)
             return 2
@@ -373,7 +376,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                 rc, tail = run_process(stage_command(stage, ns, parts), min(limit, left), log)
                 note = collect(stage, rc, tail, parts, results, profiles)
             except Exception as exc:  # the kit itself must not stop at one stage's surprise
-                rc, note = -1, f"{type(exc).__name__}: {exc}"
+                rc, tail, note = -1, "", f"{type(exc).__name__}: {exc}"
             status = "ok" if rc == 0 else "timed out" if rc is None else f"failed (exit {rc})"
             results["stages"].append(dict(stage=stage, status=status, seconds=_now() -
                                           began, note=note))
@@ -381,6 +384,11 @@ def main(argv: Optional[list[str]] = None) -> int:
                   flush=True)
             if stage == "env":  # "bench" becomes one stage per backend that can run here
                 queue = expand(wanted, results["env"])
+            if stage.startswith("peer:") or stage == "peer":
+                if rc not in (0, None) and "out of memory" in tail.lower():
+                    # fp32 master weights (HF Trainer's way) may not fit one GPU beside 64K
+                    # activations: measure the peer with bf16 weights rather than not at all.
+                    queue.insert(0, stage.replace("peer", "peer-bf16", 1))
             write_results(ns.out, results, profiles)
     write_results(ns.out, results, profiles)
     print("\n" + render_markdown(results), flush=True)
