@@ -3,7 +3,6 @@ per-document reference: `pytest -m gpu` (the GPU kit's tests stage). Skipped wit
 import argparse
 import subprocess
 import sys
-from contextlib import nullcontext
 
 import pytest
 import torch

@@ -115,8 +115,8 @@ def kernel_function(name: str, ns) -> tuple[Optional[Callable], Optional[str]]:
             return None, "Transformer Engine runs on CUDA only"
         try:
             return _te_kernel(ns.heads, ns.groups, ns.head_dim, scale), None
-        except ImportError as exc:
-            return None, f"Transformer Engine is not importable ({exc})"
+        except Exception as exc:  # not installed, or its CUDA libraries do not load
+            return None, f"Transformer Engine is not usable here ({type(exc).__name__}: {exc})"
     reason = kernel_unavailable(name, ns.device, dtype)
     if reason:
         return None, reason

@@ -5,6 +5,7 @@ puts tools/ on sys.path by being run from it).
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import statistics
@@ -26,6 +27,56 @@ TINY_OVERRIDES = [
     "training.train_steps=4", "training.precision=fp32", "training.device=cpu",
     "training.loss_chunk_size=96",
 ]
+
+
+def benchmark_parser(doc: str) -> argparse.ArgumentParser:
+    """The options every training benchmark takes: RECIPE.yaml and key=value overrides, the
+    timing window, the result file, the profiler, the CPU smoke mode."""
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0], epilog=doc,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("args", nargs="*", metavar="RECIPE.yaml | key=value",
+                   help=f"recipe (default {os.path.relpath(DEFAULT_RECIPE)}) and overrides")
+    p.add_argument("--name", help="row name in the results")
+    p.add_argument("--warmup", type=int, default=2, help="steps left out of the timing")
+    p.add_argument("--json", help="write the result row here")
+    p.add_argument("--profile", action="store_true",
+                   help="run torch.profiler over the last --profile-steps steps and print the "
+                        "top costs (those steps are left out of the timing)")
+    p.add_argument("--profile-steps", type=int, default=1)
+    p.add_argument("--profile-out", help="also write the profiler table to this file")
+    p.add_argument("--tiny", action="store_true", help="CPU smoke configuration (seconds)")
+    return p
+
+
+def parse_benchmark_args(p: argparse.ArgumentParser, argv) -> argparse.Namespace:
+    """Parse; ns.recipe and ns.overrides (the smoke configuration first under --tiny)."""
+    ns = p.parse_intermixed_args(argv)
+    recipes = [a for a in ns.args if "=" not in a]
+    if len(recipes) > 1:
+        p.error(f"more than one recipe given: {recipes}")
+    ns.recipe = recipes[0] if recipes else DEFAULT_RECIPE
+    ns.overrides = (TINY_OVERRIDES if ns.tiny else []) + [a for a in ns.args if "=" in a]
+    ns.profile_window = ns.profile_steps if ns.profile else 0
+    return ns
+
+
+def check_step_budget(total: int, ns: argparse.Namespace) -> Optional[str]:
+    """Why `total` steps cannot give a timing, or None."""
+    if total <= ns.warmup + ns.profile_window:
+        return (f"training.train_steps={total}: must exceed --warmup={ns.warmup} plus the "
+                f"profiled steps ({ns.profile_window})")
+    return None
+
+
+def report(row: dict, ns: argparse.Namespace) -> None:
+    """Print the profile (and write it to --profile-out), the summary line, the JSON row."""
+    if "profile" in row:
+        print(row["profile"])
+        if ns.profile_out:
+            with open(ns.profile_out, "w") as f:
+                f.write(row["profile"])
+    print(format_row(row), flush=True)
+    write_json(ns.json, row)
 
 
 def timed_steps(steps: list, warmup: int) -> list:

@@ -42,9 +42,9 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch.utils.checkpoint import checkpoint  # noqa: E402
 
-from bench_common import (DEFAULT_RECIPE, TINY_OVERRIDES, StepProfiler,  # noqa: E402
-                          format_row, peak_memory_gib, result_row, step_work, timed_steps,
-                          write_json)
+from bench_common import (StepProfiler, benchmark_parser, check_step_budget,  # noqa: E402
+                          parse_benchmark_args, peak_memory_gib, report, result_row, step_work,
+                          timed_steps)
 
 ATTENTION = ("auto", "flash", "flex", "sdpa")
 HF_IMPLEMENTATION = {"flash": "flash_attention_2", "flex": "flex_attention", "sdpa": "sdpa"}
@@ -56,29 +56,12 @@ class PeerError(ValueError):
 
 
 def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("args", nargs="*", metavar="RECIPE.yaml | key=value",
-                   help=f"recipe (default {os.path.relpath(DEFAULT_RECIPE)}) and overrides")
+    p = benchmark_parser(__doc__)
     p.add_argument("--attention", choices=ATTENTION, default="auto")
     p.add_argument("--param-dtype", choices=("fp32", "bf16"), default="fp32",
                    help="weights and optimizer's dtype under bf16 autocast (default fp32, "
                         "as HF Trainer with bf16=True)")
-    p.add_argument("--name", help="row name in the results (default hf-peer-<attention>)")
-    p.add_argument("--warmup", type=int, default=2, help="steps left out of the timing")
-    p.add_argument("--json", help="write the result row here")
-    p.add_argument("--profile", action="store_true",
-                   help="torch.profiler over the last --profile-steps steps; print top costs")
-    p.add_argument("--profile-steps", type=int, default=1)
-    p.add_argument("--profile-out", help="also write the profiler table to this file")
-    p.add_argument("--tiny", action="store_true", help="CPU smoke configuration (seconds)")
-    ns = p.parse_intermixed_args(argv)
-    recipes = [a for a in ns.args if "=" not in a]
-    if len(recipes) > 1:
-        p.error(f"more than one recipe given: {recipes}")
-    ns.recipe = recipes[0] if recipes else DEFAULT_RECIPE
-    ns.overrides = (TINY_OVERRIDES if ns.tiny else []) + [a for a in ns.args if "=" in a]
-    return ns
+    return parse_benchmark_args(p, argv)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -229,10 +212,10 @@ def run(ns: argparse.Namespace) -> dict:
     t = cfg.training
     device = resolve_device(t.device)
     total = t.total_steps()
-    profile_steps = ns.profile_steps if ns.profile else 0
-    if total <= ns.warmup + profile_steps:
-        raise PeerError(f"training.train_steps={total}: must exceed --warmup={ns.warmup} plus "
-                        f"the profiled steps ({profile_steps})")
+    profile_steps = ns.profile_window
+    problem = check_step_budget(total, ns)
+    if problem:
+        raise PeerError(problem)
     attention = choose_attention(ns.attention, device, t.micro_batch_size * t.seq_length)
     bf16 = t.precision == "bf16"
     param_dtype = torch.bfloat16 if ns.param_dtype == "bf16" else torch.float32
@@ -288,13 +271,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     except (ConfigError, PeerError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    if "profile" in row:
-        print(row["profile"])
-        if ns.profile_out:
-            with open(ns.profile_out, "w") as f:
-                f.write(row["profile"])
-    print(format_row(row), flush=True)
-    write_json(ns.json, row)
+    report(row, ns)
     return 0
 
 

@@ -26,9 +26,9 @@ from typing import Optional
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from bench_common import (DEFAULT_RECIPE, TINY_OVERRIDES, StepProfiler,  # noqa: E402
-                          format_row, peak_memory_gib, result_row, step_work, timed_steps,
-                          write_json)
+from bench_common import (StepProfiler, benchmark_parser, check_step_budget,  # noqa: E402
+                          parse_benchmark_args, peak_memory_gib, report, result_row, step_work,
+                          timed_steps)
 
 
 class _Finished(Exception):
@@ -36,26 +36,7 @@ class _Finished(Exception):
 
 
 def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("args", nargs="*", metavar="RECIPE.yaml | key=value",
-                   help=f"recipe (default {os.path.relpath(DEFAULT_RECIPE)}) and overrides")
-    p.add_argument("--name", help="row name in the results (default: backend and kernel)")
-    p.add_argument("--warmup", type=int, default=2, help="steps left out of the timing")
-    p.add_argument("--json", help="write the result row here")
-    p.add_argument("--profile", action="store_true",
-                   help="run torch.profiler over the last --profile-steps steps and print the "
-                        "top costs (those steps are left out of the timing)")
-    p.add_argument("--profile-steps", type=int, default=1)
-    p.add_argument("--profile-out", help="also write the profiler table to this file")
-    p.add_argument("--tiny", action="store_true", help="CPU smoke configuration (seconds)")
-    ns = p.parse_intermixed_args(argv)
-    recipes = [a for a in ns.args if "=" not in a]
-    if len(recipes) > 1:
-        p.error(f"more than one recipe given: {recipes}")
-    ns.recipe = recipes[0] if recipes else DEFAULT_RECIPE
-    ns.overrides = (TINY_OVERRIDES if ns.tiny else []) + [a for a in ns.args if "=" in a]
-    return ns
+    return parse_benchmark_args(benchmark_parser(__doc__), argv)
 
 
 def kernel_label(cfg, on_cuda: bool) -> str:
@@ -79,10 +60,10 @@ def run(ns: argparse.Namespace, run_dir: str) -> dict:
 
     probe = load_config(ns.recipe, ns.overrides)
     total = probe.training.total_steps()
-    profile_steps = ns.profile_steps if ns.profile else 0
-    if total <= ns.warmup + profile_steps:
-        raise ValueError(f"training.train_steps={total}: must exceed --warmup={ns.warmup} plus "
-                         f"the profiled steps ({profile_steps})")
+    profile_steps = ns.profile_window
+    problem = check_step_budget(total, ns)
+    if problem:
+        raise ValueError(problem)
     # One log line at the end only: the metrics logger resets the CUDA peak-memory counter at
     # every line, and the peak is read here after each step.
     cfg = load_config(ns.recipe, ns.overrides + [
@@ -138,13 +119,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             from megatron_prolong.training.parallel import destroy_model_parallel
 
             destroy_model_parallel()
-    if "profile" in row:
-        print(row["profile"])
-        if ns.profile_out:
-            with open(ns.profile_out, "w") as f:
-                f.write(row["profile"])
-    print(format_row(row), flush=True)
-    write_json(ns.json, row)
+    report(row, ns)
     return 0
 
 
