@@ -55,7 +55,7 @@ _now = time.monotonic  # the budget's clock
 def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("out", help="results folder ($OUT on the device machine)")
+    p.add_argument("out", help="results folder (created; files there are replaced)")
     p.add_argument("stages", nargs="*", help=f"stages to run (default: {' '.join(STAGES)})")
     p.add_argument("--budget-s", type=float, default=560,
                    help="wall-clock budget of this run; stages that do not fit are deferred")
@@ -360,7 +360,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     os.makedirs(ns.out, exist_ok=True)
     queue = ["env"] + wanted
     with tempfile.TemporaryDirectory(prefix="gpu_kit_") as parts, \
-            open(os.path.join(ns.out, "kit.log"), "a") as log:
+            open(os.path.join(ns.out, "kit.log"), "w") as log:
         while queue:
             stage = queue.pop(0)
             left = ns.budget_s - (_now() - start) - RESERVE_S
