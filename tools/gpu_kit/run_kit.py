@@ -237,10 +237,16 @@ def _fmt(value, spec: str, missing: str = "-") -> str:
     return format(value, spec)
 
 
+def _machine(env: dict) -> str:
+    if not env.get("gpu"):
+        return "no GPU"
+    return f"{env['gpu']} ({env.get('gpu_memory_gib', '?')} GiB)"
+
+
 def render_markdown(results: dict) -> str:
     env = results.get("env", {})
     lines = [f"# GPU kit results ({results.get('started', '?')[:16]} UTC)", "",
-             f"Machine: {env.get('gpu', 'no GPU')} ({_fmt(env.get('gpu_memory_gib'), 'g')} GiB); "
+             f"Machine: {_machine(env)}; "
              f"torch {env.get('torch')} (CUDA {env.get('torch_cuda')}), transformers "
              f"{env.get('transformers')}, megatron-core {env.get('megatron-core')}, flash-attn "
              f"{env.get('flash-attn') or 'absent'}, Transformer Engine "
