@@ -183,11 +183,8 @@ class StepProfiler:
             return "(profiler did not run)"
         events = self._prof.key_averages()
         key = "self_cpu_time_total"
-        if self.device == "cuda":  # torch >= 2.4 names it device time; older only cuda time
-            key = "self_device_time_total"
-            try:
-                table = events.table(sort_by=key, row_limit=self.rows)
-            except (AttributeError, KeyError, ValueError):
-                key = "self_cuda_time_total"
+        if self.device == "cuda":  # torch >= 2.4 calls it device time, older torch cuda time
+            key = ("self_device_time_total" if hasattr(events[0], "self_device_time_total")
+                   else "self_cuda_time_total") if len(events) else "self_cuda_time_total"
         table = events.table(sort_by=key, row_limit=self.rows)
         return f"top {self.rows} operators by {key} over {self.seconds:.2f} s:\n{table}"
