@@ -21,6 +21,10 @@ class ConfigError(ValueError):
     """A configuration that cannot run; the message names the field, the rule and the fix."""
 
 
+# Kernels of the project's document-masked attention (model/attention.py), for validation.
+LOCAL_ATTENTION_KERNELS = ("auto", "flex", "varlen", "flash", "sdpa")
+
+
 # ---------------------------------------------------------------------------------------------
 # Sections
 # ---------------------------------------------------------------------------------------------
@@ -42,6 +46,9 @@ class ModelConfig:
     # auto: Transformer Engine when importable on CUDA, else the project's document-masked
     # attention (flash-attn varlen / PyTorch kernels on CUDA, SDPA per document on CPU).
     attention_backend: str = "auto"  # auto | te | local
+    # Kernel of the local path (docs/performance.md). auto: flash-attn varlen, else PyTorch's
+    # varlen, else FlexAttention on CUDA in bf16/fp16; SDPA per document otherwise.
+    local_attention_kernel: str = "auto"  # auto | flex | varlen | flash | sdpa
     # none | selective (core attention only) | full (whole layers, `recompute_num_layers` each)
     recompute: str = "none"
     recompute_num_layers: int = 1
@@ -477,6 +484,13 @@ def validate(cfg: RunConfig, world_size: int) -> Layout:
              errors)
     _require(m.attention_backend in ("auto", "te", "local"),
              f"model.attention_backend={m.attention_backend!r}: choose auto, te or local", errors)
+    _require(m.local_attention_kernel in LOCAL_ATTENTION_KERNELS,
+             f"model.local_attention_kernel={m.local_attention_kernel!r}: choose "
+             f"{', '.join(LOCAL_ATTENTION_KERNELS)}", errors)
+    _require(m.local_attention_kernel == "auto" or m.attention_backend == "local",
+             f"model.local_attention_kernel={m.local_attention_kernel!r}: picks a kernel of the "
+             f"local attention path only; set model.attention_backend=local (it is "
+             f"{m.attention_backend!r}; auto takes Transformer Engine where installed)", errors)
     _require(m.recompute in ("none", "selective", "full"),
              f"model.recompute={m.recompute!r}: choose none, selective or full", errors)
     _require(t.precision in ("fp32", "bf16"),

@@ -7,10 +7,14 @@ core-attention module: query [t, heads, dim] and key/value [t, groups, dim] for 
 returns [t, heads * dim] (or [s, b, heads * dim]). Attention is causal inside each document and
 never crosses a document boundary.
 
-Kernels, picked once per call by what the tensors live on:
-- CUDA: flash-attn's varlen function when installed, else PyTorch's varlen attention, else
-  scaled-dot-product attention per document. No dense [t, t] mask is ever built.
-- CPU: scaled-dot-product attention per document (exact; no [t, t] mask either).
+Kernels (`model.local_attention_kernel`, resolved once per dtype and device):
+- flash: flash-attn's varlen function (CUDA, bf16/fp16; ProLong's kernel).
+- varlen: PyTorch's varlen attention, torch.nn.attention.varlen (CUDA, bf16/fp16).
+- flex: FlexAttention with a document BlockMask built from cu_seqlens, torch.compile'd (CUDA).
+  Tests run the same mask uncompiled on CPU (exact arithmetic over [heads, t, t] scores).
+- sdpa: scaled-dot-product attention per document (exact; any device and dtype).
+- auto: on CUDA in bf16/fp16 the first of flash, varlen, flex that is available; else sdpa.
+None of them builds a dense [t, t] mask on the GPU.
 
 Context parallelism (cp > 1): Ulysses. Each CP rank holds megatron's load-balanced slice of the
 row; an all-to-all trades heads for sequence, the kernel above runs over the whole row for
@@ -21,6 +25,8 @@ from __future__ import annotations
 import functools
 import inspect
 import math
+import warnings
+import weakref
 from typing import Optional
 
 import torch
@@ -29,6 +35,7 @@ from megatron.core import parallel_state
 from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.transformer.module import MegatronModule
 
+from megatron_prolong.config import LOCAL_ATTENTION_KERNELS, ConfigError
 from megatron_prolong.model.context_parallel import ulysses_attention
 
 try:  # GPU clusters only
@@ -60,11 +67,15 @@ def attention_per_document(q, k, v, cu_seqlens: torch.Tensor, scale: float) -> t
 
 @functools.lru_cache(maxsize=1)
 def _torch_varlen():
+    """(varlen_attn, its parameter names), or None where this torch has no known version."""
     try:
         from torch.nn.attention.varlen import varlen_attn
     except ImportError:
         return None
-    return varlen_attn, set(inspect.signature(varlen_attn).parameters)
+    params = set(inspect.signature(varlen_attn).parameters)
+    if not params & {"window_size", "is_causal"}:  # an API this code does not know
+        return None
+    return varlen_attn, params
 
 
 def _torch_varlen_attention(q, k, v, cu, max_seqlen, scale):
@@ -72,10 +83,8 @@ def _torch_varlen_attention(q, k, v, cu, max_seqlen, scale):
     kwargs = {"scale": scale}
     if "window_size" in params:
         kwargs["window_size"] = (-1, 0)  # causal
-    elif "is_causal" in params:
+    else:
         kwargs["is_causal"] = True
-    else:  # an API this code does not know: let the caller fall back
-        raise NotImplementedError
     if "enable_gqa" in params:
         kwargs["enable_gqa"] = True
     else:
@@ -83,21 +92,168 @@ def _torch_varlen_attention(q, k, v, cu, max_seqlen, scale):
     return varlen_attn(q, k, v, cu, cu, max_seqlen, max_seqlen, **kwargs)
 
 
-def varlen_causal_attention(q, k, v, cu_seqlens, max_seqlen: Optional[int], scale: float):
-    """Causal attention within each document of a packed row, on the best available kernel."""
-    cu = cu_seqlens.to(device=q.device, dtype=torch.int32)
+# ---------------------------------------------------------------------------------------------
+# FlexAttention: a BlockMask for causal attention inside the documents of one packed row
+# ---------------------------------------------------------------------------------------------
+FLEX_BLOCK_SIZE = 128  # FlexAttention's default tile; the block lists below are per tile
+
+
+@functools.lru_cache(maxsize=1)
+def _flex_module():
+    try:
+        from torch.nn.attention import flex_attention as flex
+    except ImportError:
+        return None
+    return flex
+
+
+def _document_mask_mod(doc: torch.Tensor):
+    """mask_mod of FlexAttention: same document and causal. `doc` holds each position's
+    document index (positions past the row's end form a document of their own)."""
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return (doc[q_idx] == doc[kv_idx]) & (q_idx >= kv_idx)
+
+    return mask_mod
+
+
+def document_block_mask(cu_seqlens: torch.Tensor, total: int,
+                        block_size: int = FLEX_BLOCK_SIZE):
+    """FlexAttention BlockMask for a packed row of `total` tokens laid out by `cu_seqlens`.
+
+    Built from the document layout per tile, never from a [total, total] mask: with documents
+    contiguous and in order, query tile i sees key tile j < i iff the last document of j is
+    the first document of i, and sees all of it ("full": mask_mod skipped) iff both tiles lie
+    inside one document; diagonal tiles are partial. O((total / block_size)**2) work.
+    """
+    flex = _flex_module()
+    cu = cu_seqlens.to(torch.int64)
+    n = -(-total // block_size)
+    pos = torch.arange(n * block_size, device=cu.device)
+    # searchsorted skips zero-length documents; positions >= cu[-1] get index len(cu) - 1.
+    doc = torch.searchsorted(cu[1:], pos, right=True)
+    first, last = doc[::block_size], doc[block_size - 1::block_size]
+    below = torch.ones(n, n, dtype=torch.bool, device=cu.device).tril(-1)  # key tile j < i
+    seen = below & (last[None, :] == first[:, None])
+    full = below & (first[None, :] == last[:, None])
+    partial = (seen & ~full) | torch.eye(n, dtype=torch.bool, device=cu.device)
+
+    def ordered(dense):  # (count, indices listed first) per query tile, as BlockMask wants
+        count = dense.sum(-1, dtype=torch.int32)
+        indices = torch.argsort(dense.to(torch.int8), dim=-1, descending=True, stable=True)
+        return count[None, None], indices.to(torch.int32)[None, None]
+
+    kv_num, kv_idx = ordered(partial)
+    full_num, full_idx = ordered(full)
+    return flex.BlockMask.from_kv_blocks(kv_num, kv_idx, full_num, full_idx,
+                                         BLOCK_SIZE=block_size, mask_mod=_document_mask_mod(doc),
+                                         seq_lengths=(total, total))
+
+
+class _LastBlockMask:
+    """The BlockMask of the last cu_seqlens tensor seen: every layer of a forward (and its
+    recomputation) gets the same PackedSeqParams tensor, so the mask is built once per row.
+    Holds the tensor weakly and checks its version, so a new or changed row never matches."""
+
+    def __init__(self) -> None:
+        self._ref, self._key, self._mask = None, None, None
+
+    def get(self, cu_seqlens: torch.Tensor, total: int):
+        key = (cu_seqlens._version, total, FLEX_BLOCK_SIZE)
+        if self._ref is None or self._ref() is not cu_seqlens or self._key != key:
+            mask = document_block_mask(cu_seqlens.to(torch.int32), total, FLEX_BLOCK_SIZE)
+            self._ref, self._key, self._mask = weakref.ref(cu_seqlens), key, mask
+        return self._mask
+
+
+_last_block_mask = _LastBlockMask()
+
+
+@functools.lru_cache(maxsize=1)
+def _compiled_flex_attention():
+    # One compiled kernel for every layer and row of a fixed length; new BlockMasks are inputs.
+    return torch.compile(_flex_module().flex_attention, dynamic=False)
+
+
+def flex_document_attention(q, k, v, cu_seqlens: torch.Tensor, scale: float) -> torch.Tensor:
+    """[t, heads, d] queries, [t, groups, d] keys/values -> [t, heads, d], FlexAttention."""
+    flex = _flex_module()
+    block_mask = _last_block_mask.get(cu_seqlens, q.shape[0])
+    qb, kb, vb = (x.transpose(0, 1).unsqueeze(0) for x in (q, k, v))  # [1, n, t, d]
+    gqa = k.shape[1] != q.shape[1]
     if q.is_cuda:
-        if max_seqlen is None:
-            max_seqlen = int((cu[1:] - cu[:-1]).max())
-        if flash_attn_varlen_func is not None:
-            return flash_attn_varlen_func(
-                q, k, v, cu, cu, max_seqlen, max_seqlen, softmax_scale=scale, causal=True
-            )
-        if _torch_varlen() is not None and q.dtype in (torch.float16, torch.bfloat16):
-            try:
-                return _torch_varlen_attention(q, k, v, cu, max_seqlen, scale)
-            except NotImplementedError:
-                pass
+        out = _compiled_flex_attention()(qb, kb, vb, block_mask=block_mask, scale=scale,
+                                         enable_gqa=gqa)
+    else:  # eager: exact reference arithmetic (CPU tests); warns that it is not fused
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*flex_attention called without")
+            out = flex.flex_attention(qb, kb, vb, block_mask=block_mask, scale=scale,
+                                      enable_gqa=gqa)
+    return out.squeeze(0).transpose(0, 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Choosing the kernel
+# ---------------------------------------------------------------------------------------------
+HALF = (torch.float16, torch.bfloat16)
+
+
+def kernel_unavailable(name: str, device_type: str, dtype: torch.dtype) -> Optional[str]:
+    """Why kernel `name` cannot run on this device and dtype, or None when it can."""
+    if name == "sdpa":
+        return None
+    if name == "flex":
+        if _flex_module() is None:
+            return f"torch {torch.__version__} has no torch.nn.attention.flex_attention"
+        if device_type != "cuda":  # flex_document_attention itself runs there (tests)
+            return "FlexAttention trains on CUDA only (PyTorch has no CPU backward for it)"
+        return None
+    if name not in ("flash", "varlen"):
+        raise ValueError(f"unknown attention kernel {name!r}")
+    if device_type != "cuda" or dtype not in HALF:
+        return f"runs on CUDA in bf16/fp16 only (here: {device_type}, {dtype})"
+    if name == "flash" and flash_attn_varlen_func is None:
+        return "flash-attn is not installed (pip install flash-attn, or the NGC container)"
+    if name == "varlen" and _torch_varlen() is None:
+        return f"torch {torch.__version__} has no known torch.nn.attention.varlen.varlen_attn"
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def resolve_kernel(requested: str, device_type: str, dtype: torch.dtype) -> str:
+    """The kernel that runs for `model.local_attention_kernel=requested`; an explicit choice
+    that cannot run here is a ConfigError (exit status 2), never a silent substitute."""
+    if requested == "auto":
+        if device_type == "cuda" and dtype in HALF:
+            for name in ("flash", "varlen", "flex"):
+                if kernel_unavailable(name, device_type, dtype) is None:
+                    return name
+        return "sdpa"
+    if requested not in LOCAL_ATTENTION_KERNELS:
+        raise ConfigError(f"model.local_attention_kernel={requested!r}: choose "
+                          f"{', '.join(LOCAL_ATTENTION_KERNELS)}")
+    reason = kernel_unavailable(requested, device_type, dtype)
+    if reason:
+        raise ConfigError(f"model.local_attention_kernel={requested}: {reason}; choose another "
+                          "kernel or auto")
+    return requested
+
+
+def varlen_causal_attention(q, k, v, cu_seqlens, max_seqlen: Optional[int], scale: float,
+                            kernel: str = "auto"):
+    """Causal attention within each document of a packed row, on `kernel` (resolved here)."""
+    cu = cu_seqlens.to(device=q.device, dtype=torch.int32)
+    name = resolve_kernel(kernel, q.device.type, q.dtype)
+    if name in ("flash", "varlen") and max_seqlen is None:
+        max_seqlen = int((cu[1:] - cu[:-1]).max())
+    if name == "flash":
+        return flash_attn_varlen_func(
+            q, k, v, cu, cu, max_seqlen, max_seqlen, softmax_scale=scale, causal=True
+        )
+    if name == "varlen":
+        return _torch_varlen_attention(q, k, v, cu, max_seqlen, scale)
+    if name == "flex":
+        return flex_document_attention(q, k, v, cu_seqlens.to(q.device), scale)
     return attention_per_document(q, k, v, cu, scale)
 
 
@@ -114,6 +270,7 @@ class DocumentMaskedAttention(MegatronModule):
         softmax_scale: Optional[float] = None,
         cp_comm_type: Optional[str] = None,
         pg_collection=None,
+        kernel: str = "auto",
     ):
         super().__init__(config=config)
         if (attention_dropout if attention_dropout is not None else config.attention_dropout) > 0:
@@ -122,6 +279,10 @@ class DocumentMaskedAttention(MegatronModule):
         self.softmax_scale = softmax_scale or 1.0 / math.sqrt(config.kv_channels)
         self.layer_number = layer_number
         self.pg_collection = pg_collection
+        self.kernel = kernel
+        # Refuse a kernel that cannot run here when the model is built, not at the first step.
+        on_cuda = torch.cuda.is_available() and not config.use_cpu_initialization
+        resolve_kernel(kernel, "cuda" if on_cuda else "cpu", config.params_dtype)
 
     def _cp_group(self):
         group = getattr(self.pg_collection, "cp", None) if self.pg_collection is not None else None
@@ -163,7 +324,7 @@ class DocumentMaskedAttention(MegatronModule):
             cu = packed_seq_params.cu_seqlens_q
         attend = functools.partial(varlen_causal_attention, cu_seqlens=cu,
                                    max_seqlen=packed_seq_params.max_seqlen_q,
-                                   scale=self.softmax_scale)
+                                   scale=self.softmax_scale, kernel=self.kernel)
         if cp_group is None:
             out = attend(query, key, value)
         else:

@@ -92,9 +92,10 @@ def to_transformer_config(
     )
 
 
-def llama_layer_spec(use_te: bool) -> ModuleSpec:
+def llama_layer_spec(use_te: bool, local_attention_kernel: str = "auto") -> ModuleSpec:
     """Transformer Engine's spec on GPU clusters; otherwise megatron's local spec with the
-    project's document-masked core attention in place of its DotProductAttention."""
+    project's document-masked core attention (on `local_attention_kernel`) in place of its
+    DotProductAttention."""
     if use_te:
         from megatron.core.models.gpt.gpt_layer_specs import (
             get_gpt_layer_with_transformer_engine_spec,
@@ -102,7 +103,8 @@ def llama_layer_spec(use_te: bool) -> ModuleSpec:
 
         return get_gpt_layer_with_transformer_engine_spec()
     spec = copy.deepcopy(get_gpt_layer_local_spec(normalization="RMSNorm"))
-    spec.submodules.self_attention.submodules.core_attention = DocumentMaskedAttention
+    spec.submodules.self_attention.submodules.core_attention = ModuleSpec(
+        module=DocumentMaskedAttention, params={"kernel": local_attention_kernel})
     return spec
 
 
@@ -137,7 +139,7 @@ def build_llama(
     extra = dict(loss_chunk_size=loss_chunk_size) if loss_chunk_size > 0 else {}
     return model_class(
         config=config,
-        transformer_layer_spec=llama_layer_spec(use_te),
+        transformer_layer_spec=llama_layer_spec(use_te, model.local_attention_kernel),
         vocab_size=model.vocab_size,
         max_sequence_length=model.max_position_embeddings,
         pre_process=pre_process,
