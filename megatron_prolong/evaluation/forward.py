@@ -47,7 +47,9 @@ def _answer_report(batch: dict, hidden: torch.Tensor, gpt) -> torch.Tensor:
                         correct.double().sum()])
 
 
-def _validation_report(batch: dict, per_token_loss: torch.Tensor) -> torch.Tensor:
+def validation_sums(batch: dict, per_token_loss: torch.Tensor) -> torch.Tensor:
+    """[2, domains + buckets + 1]: loss sums and loss-token counts per domain, then per
+    position bucket (the last column: tokens of segments too short for the buckets)."""
     domains, buckets = batch["eval_sizes"]
     mask = batch["loss_mask"].reshape(-1).double()
     loss = per_token_loss.reshape(-1).double() * mask
@@ -62,7 +64,7 @@ def _validation_report(batch: dict, per_token_loss: torch.Tensor) -> torch.Tenso
 def _eval_loss(batch: dict, captured: list, gpt, output: torch.Tensor):
     report = {}
     if "eval_domain" in batch:
-        report["validation"] = _validation_report(batch, output)
+        report["validation"] = validation_sums(batch, output)
     if "answer_mask" in batch:
         report["answer"] = _answer_report(batch, captured[0], gpt)
     return torch.zeros((), device=output.device), torch.tensor(0, dtype=torch.int), report
