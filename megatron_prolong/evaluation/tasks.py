@@ -192,28 +192,50 @@ class NeedleMultiKey(_Task):
     def tail_chars(self, m):
         return len(self.unit(m)) + 1
 
+    def _needle_text(self, k: int) -> str:
+        return self.needle.format(word=self.needles[k][0], number=self.needles[k][1])
+
+    def _gold_boundary(self, at: list, m: int, gold_last: bool, tail: str) -> int:
+        """The boundary where the gold needle's depth, counted with the distractors' and the
+        tail's tokens around it, is nearest to the requested one."""
+        if not hasattr(self, "_needle_tokens"):
+            self._needle_tokens = [len(self.tok.encode(" " + self._needle_text(k)))
+                                   for k in range(len(self.needles))]
+        cum = self.cumulative_tokens(m).astype(np.float64)
+        j = np.arange(m + 1)
+        before, after = cum.copy(), cum[-1] - cum
+        (before if gold_last else after)[:] += len(self.tok.encode(tail)) if tail else 0
+        for k in range(1, len(at)):
+            first = (j > at[k]) | ((j == at[k]) & gold_last)
+            before += np.where(first, self._needle_tokens[k], 0)
+            after += np.where(first, 0, self._needle_tokens[k])
+        return int(np.argmin(np.abs(before / np.maximum(before + after, 1) - self.depth)))
+
     def context(self, m, c):
-        at = [self.boundary_at(f, m, m) for f in self.fractions]
         gold_last = self.depth >= 0.5  # among needles at the same boundary
+        # The tail: the end of the next sentence before the context, or its start after it,
+        # joining space included (so one more character is always one more token or none).
+        if gold_last:
+            tail = (self.unit(m) + " ")[-c:] if c else ""
+        else:
+            tail = (" " + self.unit(m))[:c]
+        at = [0] + [self.boundary_at(f, m, m) for f in self.fractions[1:]]
+        at[0] = self._gold_boundary(at, m, gold_last, tail)
         order = sorted(range(len(at)), key=lambda k: (at[k], -k if gold_last else k))
         parts = []
         for i in range(m + 1):
             parts += [k for k in order if at[k] == i]
             if i < m:
                 parts.append(self.unit(i))
-        texts = [self.needle.format(word=self.needles[p][0], number=self.needles[p][1])
-                 if isinstance(p, int) else p for p in parts]
+        texts = [self._needle_text(p) if isinstance(p, int) else p for p in parts]
         gold = parts.index(0)
         start = sum(len(t) + 1 for t in texts[:gold]) - (1 if gold else 0)
         # the gold span is " One of ... 1234567." (its joining space) or, first, without it
         end = start + len(texts[gold]) + (1 if gold else 0)
         text = " ".join(texts)
-        # The tail: the end of the next sentence before the context, or its start after it,
-        # joining space included (so one more character is always one more token or none).
         if gold_last:
-            tail = (self.unit(m) + " ")[-c:] if c else ""
             return tail + text, start + len(tail), end + len(tail)
-        return text + (" " + self.unit(m))[:c], start, end
+        return text + tail, start, end
 
     def question(self):
         word, number = self.needles[0]
