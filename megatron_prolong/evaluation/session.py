@@ -44,7 +44,9 @@ def write_results(directory: str, name: str, record: dict, recall: Optional[dict
         json.dump(document, f, indent=1)
     os.replace(path + ".tmp", path)
     written = [path]
-    if make_plots:
+    if make_plots and not plots.matplotlib_available():
+        _say_once("no PNG written: matplotlib is not installed (pip install -e '.[plots]')")
+    elif make_plots:
         if recall:
             written.append(plots.recall_heatmap(recall, os.path.join(directory,
                                                                      "recall_heatmap.png"),
@@ -53,6 +55,15 @@ def write_results(directory: str, name: str, record: dict, recall: Optional[dict
             written.append(plots.history_chart(history, os.path.join(directory, "history.png"),
                                                title=title or "evaluation"))
     return [p for p in written if p]
+
+
+_said: set = set()
+
+
+def _say_once(message: str) -> None:
+    if message not in _said:
+        _said.add(message)
+        print(f"evaluation: {message}", flush=True)
 
 
 def read_history(directory: str, up_to_step: Optional[int] = None) -> list[dict]:

@@ -60,6 +60,8 @@ class PeriodicEvaluation:
         text = eval_line(record) + f" | {time.perf_counter() - start:.1f} s"
         if recall and step == total:
             text += "\n" + recall_table(recall, f"recall at step {step}")
+        if step == total:
+            text += f"\nevaluation results and pictures: {self.directory}"
         self.metrics.log_evaluation(step, record, eval_scalars(record), text)
         if self.rank == 0:
             history = read_history(self.directory, up_to_step=step - 1) + [record]
