@@ -43,7 +43,8 @@ def _answer_report(batch: dict, hidden: torch.Tensor, gpt) -> torch.Tensor:
     targets = batch["labels"][0, positions]
     group = layer.tp_group if dist.get_world_size(layer.tp_group) > 1 else None
     logprob, correct = answer_token_scores(hidden[positions, 0], layer.weight, targets, group)
-    return torch.stack([logprob.double().sum(), torch.tensor(float(len(positions))).double(),
+    return torch.stack([logprob.double().sum(),
+                        logprob.new_tensor(float(len(positions)), dtype=torch.float64),
                         correct.double().sum()])
 
 
@@ -67,7 +68,8 @@ def _eval_loss(batch: dict, captured: list, gpt, output: torch.Tensor):
         report["validation"] = validation_sums(batch, output)
     if "answer_mask" in batch:
         report["answer"] = _answer_report(batch, captured[0], gpt)
-    return torch.zeros((), device=output.device), torch.tensor(0, dtype=torch.int), report
+    nothing = torch.zeros((), device=output.device)  # no loss to back-propagate
+    return nothing, torch.zeros((), dtype=torch.int, device=output.device), report
 
 
 def eval_forward_step(data_iterator: Iterator[dict], model):

@@ -195,6 +195,8 @@ def build_validation_samples(cfg: RunConfig, data_cfg) -> list[PackedSample]:
 
     e, seq = cfg.evaluation, cfg.training.seq_length
     if cfg.data.kind == "synthetic":
+        if heldout_spec(cfg) is None:
+            return []
         data = SyntheticPackedDataset(seq, cfg.model.vocab_size, e.heldout_seed)
         return [data[i] for i in range(e.validation_rows * len(data.DOMAINS))]
     if e.validation_mixture:
