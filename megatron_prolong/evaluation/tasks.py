@@ -74,6 +74,7 @@ class _Task:
     the tail, the gold item and the wording are."""
 
     intro: str
+    label = ""  # a line naming the context, after the instructions
     tail_limit: int
     joiner = ""  # what separates units in the context (for the token estimates)
 
@@ -81,13 +82,14 @@ class _Task:
         self.tok, self.rng, self.depth = tokenizer, rng, depth
         self._units: list[str] = []
         self._unit_tokens: list[int] = []
+        self._source: Optional[Iterator[str]] = None  # started at the first unit
 
     # -- units -------------------------------------------------------------------------------
     def _new_units(self) -> Iterator[str]:
         raise NotImplementedError
 
     def unit(self, i: int) -> str:
-        if not hasattr(self, "_source"):
+        if self._source is None:
             self._source = self._new_units()
         while len(self._units) <= i:
             text = next(self._source)
@@ -126,6 +128,7 @@ class _Task:
 class JsonKV(_Task):
     intro = ("Below is a JSON object whose keys and values are random strings. Find the value "
              "that belongs to the key given after it.")
+    label = "JSON data:\n"
     tail_limit = 36 + 72  # the padding pair: up to a whole key, then up to two UUIDs of value
 
     def __init__(self, tokenizer, rng, depth):
@@ -152,7 +155,6 @@ class JsonKV(_Task):
 
     def context(self, m, c):
         self._gold = self.gold(m)
-        self.unit(m - 1)
         entries = [f'"{k}": "{v}"' for k, v in self._pairs[:m]]
         # The padding pair (never asked for) keeps the object valid JSON at any length.
         pad = f'"{self._pad_key[: 1 + min(c, 35)]}": "{self._pad_value[: max(0, c - 35)]}"'
@@ -255,8 +257,7 @@ def _render(task: _Task, template: str, m: int, c: int, marks: bool = False):
     tok = task.tok
     context, gold_start, gold_end = task.context(m, c)
     question, prefix, answer = task.question()
-    label = "JSON data:\n" if isinstance(task, JsonKV) else ""
-    before = f"{task.intro}\n\n{label}"
+    before = f"{task.intro}\n\n{task.label}"
     user = f"{before}{context}\n\n{question}"
     if template == "plain":
         head = [tok.bos_id]
