@@ -48,7 +48,8 @@ def eval_scalars(record: dict) -> dict[str, float]:
 
 def eval_line(record: dict) -> str:
     """One console line: validation by domain and position, recall by task."""
-    e, parts = record["eval"], [f"eval step {record['step']}"]
+    step = record["step"]
+    e, parts = record["eval"], ["eval" if step is None else f"eval step {step}"]
     if "val_loss" in e:
         domains = ", ".join(f"{k} {v:.3f}" for k, v in e["val_domain_loss"].items())
         parts.append(f"val loss {e['val_loss']:.4f} ({domains})")
