@@ -25,7 +25,6 @@ setup(
         "sentencepiece>=0.2,<0.3",
         "tiktoken>=0.7,<1",
         "tokenizers>=0.20,<0.24",
-        "nltk>=3.8,<4",
         "tensorboard>=2.15,<3",
         "psutil>=5.9,<8",
         "zstandard>=0.22,<1",

@@ -23,6 +23,8 @@ class ConfigError(ValueError):
 
 # Kernels of the project's document-masked attention (model/attention.py), for validation.
 LOCAL_ATTENTION_KERNELS = ("auto", "flex", "varlen", "flash", "sdpa")
+# The synthetic recall tasks megatron_prolong.evaluation generates (named here for validation).
+RECALL_TASKS = ("json_kv", "niah_mk")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -166,6 +168,34 @@ class LoggingConfig:
 
 
 @dataclass
+class EvaluationConfig:
+    """Validation on held-out data and synthetic recall, every `interval` steps and at the end
+    (megatron_prolong/evaluation; tools/evaluate.py runs the same on any checkpoint)."""
+
+    interval: int = 0  # steps; 0: no evaluation during training
+    # Held-out set: this many documents of each domain (or this fraction, whichever is more),
+    # chosen by (seed, domain) and never trained on. Or separate datasets: a mixture YAML.
+    heldout_docs: int = 0
+    heldout_fraction: float = 0.0
+    heldout_seed: int = 4321
+    validation_mixture: Optional[str] = None
+    validation_rows: int = 4  # packed rows per domain
+    # Loss by context position: bucket boundaries in tokens (None: 1K, 4K, 16K, ... below the
+    # sequence length), over document segments at least `long_document_tokens` long (None: the
+    # largest boundary, so each such document reaches every bucket).
+    position_buckets: Optional[list[int]] = None
+    long_document_tokens: Optional[int] = None
+    # Synthetic recall (json_kv, niah_mk) at these lengths (None: training.seq_length) and depths.
+    recall_tasks: list[str] = field(default_factory=list)
+    recall_lengths: Optional[list[int]] = None
+    recall_depths: list[float] = field(default_factory=lambda: [0.0, 0.5, 1.0])
+    recall_examples: int = 1  # per task x length x depth
+    recall_template: str = "plain"  # plain (base models) | chat (Llama-3 instruct template)
+    recall_seed: int = 0
+    plots: bool = True  # PNGs next to the results (needs the `plots` extra: matplotlib)
+
+
+@dataclass
 class RunConfig:
     name: str = "run"
     run_dir: str = "runs/run"
@@ -177,6 +207,7 @@ class RunConfig:
     data: DataSection = field(default_factory=DataSection)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -216,6 +247,14 @@ def _coerce(value: Any, typ, where: str) -> Any:
             raise ConfigError(f"{where}: expected a number, got {value!r}") from None
     if typ is str:
         return str(value)
+    if origin is list:  # a YAML list, or one value / "a,b" from the command line
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        elif not isinstance(value, (list, tuple)):
+            value = [value]
+        (item,) = typing.get_args(typ) or (Any,)
+        return [v if item is Any else _coerce(v, item, f"{where}[{i}]")
+                for i, v in enumerate(value)]
     if typ is dict or origin is dict:
         if isinstance(value, str):
             value = yaml.safe_load(value)
@@ -417,6 +456,40 @@ def _raise_errors(errors: list[str]) -> None:
         raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(errors))
 
 
+def _validate_evaluation(cfg: RunConfig, errors: list[str]) -> None:
+    e, seq = cfg.evaluation, cfg.training.seq_length
+    _require(e.interval >= 0, f"evaluation.interval={e.interval}: must be >= 0 (0: off)", errors)
+    _require(e.heldout_docs >= 0, f"evaluation.heldout_docs={e.heldout_docs}: must be >= 0",
+             errors)
+    _require(0.0 <= e.heldout_fraction < 1.0,
+             f"evaluation.heldout_fraction={e.heldout_fraction}: must be in [0, 1)", errors)
+    _require(e.validation_rows >= 1,
+             f"evaluation.validation_rows={e.validation_rows}: must be >= 1", errors)
+    buckets = e.position_buckets or []
+    _require(all(0 < b < seq for b in buckets) and buckets == sorted(set(buckets)),
+             f"evaluation.position_buckets={buckets}: must be increasing boundaries between 0 and "
+             f"training.seq_length={seq} (e.g. [1024, 4096, 16384])", errors)
+    _require(e.long_document_tokens is None or 0 < e.long_document_tokens <= seq,
+             f"evaluation.long_document_tokens={e.long_document_tokens}: must be in "
+             f"[1, training.seq_length={seq}]", errors)
+    unknown = [t for t in e.recall_tasks if t not in RECALL_TASKS]
+    _require(not unknown, f"evaluation.recall_tasks: unknown task(s) {unknown}; choose from "
+             f"{', '.join(RECALL_TASKS)}", errors)
+    _require(all(n >= 256 for n in e.recall_lengths or []),
+             f"evaluation.recall_lengths={e.recall_lengths}: lengths are in tokens, at least 256",
+             errors)
+    _require(all(0.0 <= d <= 1.0 for d in e.recall_depths) and bool(e.recall_depths),
+             f"evaluation.recall_depths={e.recall_depths}: depths are fractions in [0, 1]", errors)
+    _require(e.recall_examples >= 1,
+             f"evaluation.recall_examples={e.recall_examples}: must be >= 1", errors)
+    _require(e.recall_template in ("plain", "chat"),
+             f"evaluation.recall_template={e.recall_template!r}: choose plain or chat", errors)
+    validation = e.heldout_docs > 0 or e.heldout_fraction > 0 or e.validation_mixture
+    _require(not e.interval or validation or e.recall_tasks,
+             f"evaluation.interval={e.interval}: nothing to evaluate; set evaluation.heldout_docs "
+             "(or heldout_fraction / validation_mixture) and/or evaluation.recall_tasks", errors)
+
+
 def _check_signs(cfg: RunConfig, errors: list[str]) -> None:
     for dotted in POSITIVE_INTEGERS:
         value = _field(cfg, dotted)
@@ -509,6 +582,8 @@ def validate(cfg: RunConfig, world_size: int) -> Layout:
              "constant", errors)
     _require(0.0 <= cfg.optimizer.min_lr_ratio <= 1.0,
              f"optimizer.min_lr_ratio={cfg.optimizer.min_lr_ratio}: must be in [0, 1]", errors)
+
+    _validate_evaluation(cfg, errors)
 
     model_parallel = tp * pp * cp
     dp = world_size // model_parallel if world_size % model_parallel == 0 else 0

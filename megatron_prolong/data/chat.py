@@ -21,6 +21,13 @@ class ChatFormatError(ValueError):
     pass
 
 
+def turn_header(tokenizer: Tokenizer, role: str) -> list[int]:
+    """<|start_header_id|>{role}<|end_header_id|>\n\n: what precedes every message's content.
+    "\n\n" is its own pre-token before stripped content, so encoding it apart is exact."""
+    return ([tokenizer.start_header_id] + tokenizer.encode(role) + [tokenizer.end_header_id]
+            + tokenizer.encode("\n\n"))
+
+
 def render_chat(tokenizer: Tokenizer, messages: Sequence[dict[str, Any]],
                 role_key: str = "role", content_key: str = "content"
                 ) -> tuple[np.ndarray, np.ndarray]:
@@ -32,7 +39,6 @@ def render_chat(tokenizer: Tokenizer, messages: Sequence[dict[str, Any]],
         raise ChatFormatError("empty conversation")
     ids: list[int] = [tokenizer.bos_id]
     mask: list[int] = [0]
-    newline = tokenizer.encode("\n\n")
     n_assistant = 0
     for m in messages:
         try:
@@ -41,13 +47,12 @@ def render_chat(tokenizer: Tokenizer, messages: Sequence[dict[str, Any]],
             raise ChatFormatError(f"message {m!r:.80} lacks {role_key!r}/{content_key!r}") from None
         if role not in ROLES:
             raise ChatFormatError(f"unknown role {role!r}; expected one of {ROLES}")
-        header = [tokenizer.start_header_id] + tokenizer.encode(role) + [tokenizer.end_header_id]
-        # "\n\n" is its own pre-token before stripped content, so encoding it apart is exact.
+        header = turn_header(tokenizer, role)
         body = tokenizer.encode(str(content).strip()) + [tokenizer.eot_id]
         is_target = 1 if role == "assistant" else 0
         n_assistant += is_target
-        ids += header + newline + body
-        mask += [0] * (len(header) + len(newline)) + [is_target] * len(body)
+        ids += header + body
+        mask += [0] * len(header) + [is_target] * len(body)
     if n_assistant == 0:
         raise ChatFormatError("conversation has no assistant turn (nothing to learn)")
     return np.asarray(ids, dtype=np.int32), np.asarray(mask, dtype=np.uint8)

@@ -20,9 +20,12 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import asdict, dataclass, field
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import yaml
+
+if TYPE_CHECKING:
+    from .heldout import HeldOutSpec
 
 MODES = ("long", "short", "sft")
 SFT_OVERFLOW = ("truncate", "drop")
@@ -59,12 +62,18 @@ class DataConfig:
     sft_overflow: str = "truncate"         # truncate: cut at sequence end | drop: move/drop
     check_token_ids: bool = True           # verify every token id < vocab size while reading
     variables: dict[str, str] = field(default_factory=dict)  # for ${VAR} in paths
+    # Documents each domain holds out for validation (data/heldout.py); training never sees them.
+    heldout: Optional["HeldOutSpec"] = None
 
     def __post_init__(self) -> None:
         self.domains = [d if isinstance(d, DomainConfig) else DomainConfig(**d)
                         for d in self.domains]
         if self.mode not in MODES:
             raise ValueError(f"data.mode {self.mode!r} not in {MODES}")
+        if isinstance(self.heldout, dict):
+            from .heldout import HeldOutSpec
+
+            self.heldout = HeldOutSpec(**self.heldout)
         if self.sft_overflow not in SFT_OVERFLOW:
             raise ValueError(f"data.sft_overflow {self.sft_overflow!r} not in {SFT_OVERFLOW}")
 

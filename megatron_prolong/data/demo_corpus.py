@@ -24,7 +24,7 @@ from .tokenizer import ByteTokenizer
 _DOCSTRING = re.compile(r'"""(.{80,2000}?)"""', re.S)
 
 
-def _stdlib_repos(max_bytes: int) -> list[tuple[str, str]]:
+def stdlib_repos(max_bytes: int) -> list[tuple[str, str]]:
     """(name, concatenated source) per top-level stdlib package, sorted by name, capped."""
     root = sysconfig.get_paths()["stdlib"]
     repos, total = [], 0
@@ -53,6 +53,11 @@ def _stdlib_repos(max_bytes: int) -> list[tuple[str, str]]:
     return repos
 
 
+def docstrings(repos: list[tuple[str, str]]) -> list[str]:
+    """The documentation strings of the sources, whitespace collapsed: short prose documents."""
+    return [" ".join(m.split()) for _, text in repos for m in _DOCSTRING.findall(text)]
+
+
 def recall_document(rng: np.random.Generator, num_pairs: int) -> str:
     """Key/value list then queries of the same keys (shuffled) with their answers."""
     alphabet = np.frombuffer(b"abcdefghijklmnopqrstuvwxyz0123456789", dtype=np.uint8)
@@ -75,7 +80,7 @@ def build_demo_corpus(out_dir: str, seed: int = 0, code_bytes: int = 3_000_000,
     props = proportions or {"code": 0.5, "recall": 0.3, "text": 0.2}
     os.makedirs(out_dir, exist_ok=True)
     eod = np.array([tok.eos_id], dtype=np.int32)
-    repos = _stdlib_repos(code_bytes)
+    repos = stdlib_repos(code_bytes)
 
     def write(name: str, docs) -> DomainConfig:
         prefix = os.path.join(out_dir, name)
@@ -88,6 +93,5 @@ def build_demo_corpus(out_dir: str, seed: int = 0, code_bytes: int = 3_000_000,
                write("recall", (recall_document(rng, recall_pairs)
                                 for _ in range(num_recall_docs)))]
     if with_text:
-        docs = [" ".join(m.split()) for _, text in repos for m in _DOCSTRING.findall(text)]
-        domains.append(write("text", docs))
+        domains.append(write("text", docstrings(repos)))
     return domains

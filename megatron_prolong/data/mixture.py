@@ -14,6 +14,7 @@ from typing import Optional
 import numpy as np
 
 from .config import DataConfig, DomainConfig
+from .heldout import split_pool
 from .indexed import DocumentPool
 from .max_token_id import check_token_ids
 from .packing import PackedSample
@@ -90,6 +91,9 @@ def build_domain_stream(dom: DomainConfig, seq_length: int, seed: int, tokenizer
     if cfg.check_token_ids and scan_token_ids:
         for store in pool.stores:
             check_token_ids(store.prefix, tokenizer.vocab_size)
+    if cfg.heldout is not None and cfg.heldout.active:  # validation documents stay out
+        pool = split_pool(pool, dom.name, dom.mode or cfg.mode, dom.min_doc_length, seq_length,
+                          cfg.heldout)[0]
     return DomainStream(dom.name, pool, seq_length, dom.mode or cfg.mode, dom.min_doc_length,
                         seed, tokenizer.pad_id, cfg.sft_overflow)
 

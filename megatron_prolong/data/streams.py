@@ -26,6 +26,13 @@ from .indexed import DocumentPool
 from .packing import PackedSample, build_sample
 
 
+def effective_min_doc_length(mode: str, min_doc_length: int | None, seq_length: int) -> int:
+    """The shortest document a stream keeps: the domain's own, else seq_length in long mode."""
+    if min_doc_length is None:
+        return seq_length if mode == "long" else 1
+    return min_doc_length
+
+
 @dataclass(frozen=True)
 class Piece:
     doc: int      # document id in the pool
@@ -41,8 +48,7 @@ class DomainStream:
                  sft_overflow: str = "truncate") -> None:
         self.name, self.pool, self.seq_length, self.mode = name, pool, seq_length, mode
         self.seed, self.pad_id, self.sft_overflow = seed, pad_id, sft_overflow
-        if min_doc_length is None:
-            min_doc_length = seq_length if mode == "long" else 1
+        min_doc_length = effective_min_doc_length(mode, min_doc_length, seq_length)
         self.min_doc_length = min_doc_length
         keep = pool.lengths >= max(1, min_doc_length)
         if mode == "sft":

@@ -20,6 +20,7 @@ from typing import Callable, Optional
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
+from megatron.core.packed_seq_params import PackedSeqParams
 
 from megatron_prolong.config import hierarchical_cp_sizes
 
@@ -152,6 +153,25 @@ def pad_microbatches(microbatches: list[dict], config) -> list[dict]:
     if len({int(mb["tokens"].shape[1]) for mb in padded}) > 1:
         config.variable_seq_lengths = True
     return padded
+
+
+def packed_seq_params(batch: dict, device) -> PackedSeqParams:
+    """megatron-core's THD description of a packed row: cu_seqlens (true lengths) and, under
+    CP, cu_seqlens_padded; both global even on a CP rank that holds a share of the row."""
+    cu = batch["cu_seqlens"].to(device=device, dtype=torch.int32)
+    cu_padded = batch.get("cu_seqlens_padded")
+    if cu_padded is not None:
+        cu_padded = cu_padded.to(device=device, dtype=torch.int32)
+    max_seqlen = int(batch.get("max_seqlen") or int((cu[1:] - cu[:-1]).max()))
+    return PackedSeqParams(
+        qkv_format="thd",
+        cu_seqlens_q=cu,
+        cu_seqlens_kv=cu,
+        cu_seqlens_q_padded=cu_padded,
+        cu_seqlens_kv_padded=cu_padded,
+        max_seqlen_q=max_seqlen,
+        max_seqlen_kv=max_seqlen,
+    )
 
 
 def batch_for_this_cp_rank(batch: dict, config) -> dict:

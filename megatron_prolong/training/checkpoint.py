@@ -336,3 +336,17 @@ def _same_layout(saved: dict) -> bool:
                pp=ps.get_pipeline_model_parallel_world_size(),
                cp=ps.get_context_parallel_world_size(), world_size=world)
     return all(saved.get(k) == v for k, v in now.items())
+
+
+def load_weights_only(model: list, directory: str) -> Optional[Progress]:
+    """Collective. The model weights alone (evaluation: no optimizer exists), from a training
+    checkpoint (step_N: returns its Progress) or a weights directory (returns None)."""
+    if is_weights_only(directory):
+        from megatron_prolong.training.weights import load_model_weights
+
+        load_model_weights(model, directory)
+        return None
+    state = dist_checkpointing.load(_sharded_state(model, None, False, True),
+                                    os.path.join(directory, "dist"))
+    unwrap(model[0]).load_state_dict(state["model"])
+    return read_progress(directory)

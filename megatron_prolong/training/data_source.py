@@ -107,10 +107,20 @@ def _data_config(cfg: RunConfig, options: Optional[dict] = None, **extra):
         raise ConfigError(f"data.options: unknown key(s) {unknown}; known: {sorted(known)}")
     args = dict(tokenizer_kind=cfg.data.tokenizer, tokenizer_path=cfg.data.tokenizer_path,
                 mixture=cfg.data.mixture, seed=cfg.training.seed,
-                smart_batching=cfg.data.smart_batching)
+                smart_batching=cfg.data.smart_batching, heldout=heldout_spec(cfg))
     args.update(options)
     args.update(extra)
     return DataConfig(**args)
+
+
+def heldout_spec(cfg: RunConfig):
+    """The documents each domain keeps out of training for validation (evaluation section);
+    None when validation reads separate datasets or nothing is held out."""
+    from megatron_prolong.data.heldout import HeldOutSpec
+
+    e = cfg.evaluation
+    spec = HeldOutSpec(e.heldout_docs, e.heldout_fraction, e.heldout_seed)
+    return spec if spec.active and not e.validation_mixture else None
 
 
 def tokenizer_for_model(cfg: RunConfig, data_cfg):
@@ -125,6 +135,12 @@ def tokenizer_for_model(cfg: RunConfig, data_cfg):
         raise ConfigError(f"data.tokenizer={data_cfg.tokenizer_kind!r} vs model.vocab_size="
                           f"{cfg.model.vocab_size}: {err}") from None
     return tokenizer
+
+
+def run_tokenizer(cfg: RunConfig, data_cfg=None):
+    """The tokenizer of the run's data (`data_cfg`: the training data's configuration, when
+    built; else read from cfg.data)."""
+    return tokenizer_for_model(cfg, data_cfg or _data_config(cfg))
 
 
 def demo_corpus_dir(cfg: RunConfig) -> str:
@@ -143,16 +159,17 @@ def _build_demo(cfg: RunConfig, rank: int):
         domains = holder[0]
     options = {k: v for k, v in cfg.data.options.items() if k != "corpus_dir"}
     # The corpus was just written with this tokenizer: no token-id scan (reads still check).
-    dataset = on_all_ranks(lambda: _open_datasets(
+    dataset, data_cfg = on_all_ranks(lambda: _open_datasets(
         cfg, rank, options, scan=False, tokenizer_kind="byte", mixture=None, domains=domains))
-    return dataset, [d.name for d in domains]
+    return dataset, [d.name for d in domains], data_cfg
 
 
 def _open_datasets(cfg: RunConfig, rank: int, options: Optional[dict] = None, scan: bool = True,
                    **data_args):
     """Open every dataset of the mixture; rank 0 also scans each file's largest token id
     (cached) and prints the rescaled mixture when the proportions do not sum to 1. Errors in
-    the data become one-line ConfigErrors naming the file (train.py: exit 2)."""
+    the data become one-line ConfigErrors naming the file (train.py: exit 2).
+    Returns (dataset, its DataConfig)."""
     from megatron_prolong.data.indexed import DataFileError
     from megatron_prolong.data.mixture import build_pretraining_dataset, rescaled_mixture_table
 
@@ -164,8 +181,9 @@ def _open_datasets(cfg: RunConfig, rank: int, options: Optional[dict] = None, sc
             table = rescaled_mixture_table(data_cfg)
             if table:
                 print(table, flush=True)
-        return build_pretraining_dataset(data_cfg, cfg.training.seq_length, tokenizer=tokenizer,
-                                         scan_token_ids=scan and rank == 0)
+        dataset = build_pretraining_dataset(data_cfg, cfg.training.seq_length,
+                                            tokenizer=tokenizer, scan_token_ids=scan and rank == 0)
+        return dataset, data_cfg
     except ConfigError:
         raise
     except (DataFileError, ValueError, TypeError, OSError) as exc:
@@ -176,19 +194,49 @@ def build_data_source(cfg: RunConfig, layout: Layout, dp_rank: int, consumed_sam
                       rank: Optional[int] = None) -> DataSource:
     kind = cfg.data.kind
     rank = (dist.get_rank() if dist.is_initialized() else 0) if rank is None else rank
+    data_cfg = None
     if kind == "synthetic":
         dataset = SyntheticPackedDataset(cfg.training.seq_length, cfg.model.vocab_size,
                                          cfg.training.seed)
         names = list(SyntheticPackedDataset.DOMAINS)
     elif kind == "demo":
-        dataset, names = _build_demo(cfg, rank)
+        dataset, names, data_cfg = _build_demo(cfg, rank)
     elif kind in ("mixture", "sft"):
         if not cfg.data.mixture and not cfg.data.options.get("domains"):
             raise ConfigError(f"data.kind={kind}: set data.mixture to a mixture YAML "
                               "(see examples/mixtures/)")
-        dataset = on_all_ranks(lambda: _open_datasets(
+        dataset, data_cfg = on_all_ranks(lambda: _open_datasets(
             cfg, rank, **({"mode": "sft"} if kind == "sft" else {})))
         names = dataset.domain_names
     else:
         raise ConfigError(f"data.kind={kind!r}: choose one of {', '.join(KINDS)}")
-    return DataSource(dataset, names, cfg, layout, dp_rank, consumed_samples)
+    source = DataSource(dataset, names, cfg, layout, dp_rank, consumed_samples)
+    source.data_cfg = data_cfg  # what validation carves its held-out rows from
+    return source
+
+
+def build_validation_samples(cfg: RunConfig, data_cfg) -> list[PackedSample]:
+    """The held-out rows evaluation scores every time: `evaluation.validation_rows` per domain,
+    from the documents training holds out (`data_cfg` is the training data's configuration,
+    DataSource.data_cfg), or from the datasets of `evaluation.validation_mixture`. Synthetic
+    data draws its rows from another seed."""
+    from megatron_prolong.data.heldout import validation_samples
+
+    e, seq = cfg.evaluation, cfg.training.seq_length
+    if cfg.data.kind == "synthetic":
+        if heldout_spec(cfg) is None:
+            return []
+        data = SyntheticPackedDataset(seq, cfg.model.vocab_size, e.heldout_seed)
+        return [data[i] for i in range(e.validation_rows * len(data.DOMAINS))]
+    if e.validation_mixture:
+        data_cfg = _data_config(cfg, mixture=e.validation_mixture, domains=[],
+                                **({"mode": "sft"} if cfg.data.kind == "sft" else {}))
+        spec = None
+    else:
+        spec = data_cfg.heldout if data_cfg is not None else None
+        if spec is None:
+            return []
+    tokenizer = tokenizer_for_model(cfg, data_cfg)
+    return validation_samples(data_cfg.resolved_domains(), seq, e.validation_rows, spec,
+                              tokenizer.pad_id, data_cfg.mode, data_cfg.sft_overflow,
+                              tokenizer.vocab_size if data_cfg.check_token_ids else None)

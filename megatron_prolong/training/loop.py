@@ -31,6 +31,7 @@ from megatron_prolong.training.checkpoint import (
 from megatron_prolong.training.data_source import build_data_source
 from megatron_prolong.training.metrics import MetricsLogger
 from megatron_prolong.training.parallel import Runtime
+from megatron_prolong.training.periodic_eval import PeriodicEvaluation
 from megatron_prolong.training.run_lock import RunDirLock
 from megatron_prolong.training.schedule import LRSchedule
 from megatron_prolong.training.step import TrainState, setup_training, train_step
@@ -185,6 +186,7 @@ def _train_locked(cfg: RunConfig, runtime: Runtime, layout: Layout,
         data_source = build_data_source(cfg, layout, dp_rank, progress.consumed_samples)
     metrics = MetricsLogger(cfg, layout, total, data_source.domain_names, runtime.rank,
                             resumed_step=progress.step)
+    evaluation = PeriodicEvaluation(cfg, data_source, metrics, runtime.rank)
     _print0(f"training {cfg.name}: layout TP={layout.tp} PP={layout.pp} CP={layout.cp} "
             f"DP={layout.dp}, {layout.num_microbatches} micro-batches/step, "
             f"{cfg.training.tokens_per_step:,} tokens/step, steps {progress.step} -> {total}")
@@ -230,6 +232,7 @@ def _train_locked(cfg: RunConfig, runtime: Runtime, layout: Layout,
                         f"{progress.step}", last_saved)
                 if step_hook is not None:
                     step_hook(progress.step, step_result, state, batches)
+                evaluation.after_step(progress.step, total, state)  # when evaluation.interval is due
                 preempted = preemption.any_rank()
                 exit_now = cfg.training.exit_at_step == progress.step
                 interval = cfg.checkpoint.save_interval

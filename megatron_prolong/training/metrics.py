@@ -235,6 +235,21 @@ class MetricsLogger:
             self.tb.flush()
         return line
 
+    def log_evaluation(self, step: int, record: dict, scalars: dict, text: str) -> None:
+        """An evaluation's results (training/periodic_eval.py): its record in metrics.jsonl
+        (told apart from step records by its `eval` key), its scalars in TensorBoard, its text
+        on the console (rank 0)."""
+        if not self.is_writer:
+            return
+        print(text, flush=True)
+        if self.jsonl:
+            self.jsonl.write(json.dumps(strict_json(record), allow_nan=False) + "\n")
+            self.jsonl.flush()
+        if self.tb:
+            for key, value in scalars.items():
+                self.tb.add_scalar(key, value, step)
+            self.tb.flush()
+
     def close(self) -> None:
         if self.tb:
             self.tb.close()

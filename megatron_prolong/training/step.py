@@ -20,30 +20,13 @@ from megatron.core.distributed import finalize_model_grads
 from megatron.core.optimizer import OptimizerConfig as McoreOptimizerConfig
 from megatron.core.optimizer import get_megatron_optimizer
 from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32
-from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_prolong.config import Layout, RunConfig
-from megatron_prolong.model.context_parallel import batch_for_this_cp_rank, pad_microbatches
+from megatron_prolong.model.context_parallel import (batch_for_this_cp_rank, packed_seq_params,
+                                                     pad_microbatches)
 from megatron_prolong.model.llama import build_llama, use_transformer_engine
 from megatron_prolong.training.parallel import Runtime
-
-
-def packed_seq_params(batch: dict, device) -> PackedSeqParams:
-    cu = batch["cu_seqlens"].to(device=device, dtype=torch.int32)
-    cu_padded = batch.get("cu_seqlens_padded")
-    if cu_padded is not None:
-        cu_padded = cu_padded.to(device=device, dtype=torch.int32)
-    max_seqlen = int(batch.get("max_seqlen") or int((cu[1:] - cu[:-1]).max()))
-    return PackedSeqParams(
-        qkv_format="thd",
-        cu_seqlens_q=cu,
-        cu_seqlens_kv=cu,
-        cu_seqlens_q_padded=cu_padded,
-        cu_seqlens_kv_padded=cu_padded,
-        max_seqlen_q=max_seqlen,
-        max_seqlen_kv=max_seqlen,
-    )
 
 
 def masked_token_loss(loss_mask: torch.Tensor, per_token_loss: torch.Tensor,
