@@ -6,7 +6,9 @@ import os
 import numpy as np
 
 from megatron_prolong.config import load_config, validate
+from megatron_prolong.data.heldout import heldout_documents
 from megatron_prolong.data.indexed import DocumentStore
+from megatron_prolong.data.streams import effective_min_doc_length
 from megatron_prolong.training.data_source import build_data_source
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -57,17 +59,26 @@ def test_inspect_demo_recipe_matches_the_loader(tmp_path, capsys):
 
     corpus = os.path.join(run_dir, "demo_corpus")
     epochs = {e["domain"]: e for e in report["epochs"]}
+    domains = {dom.name: dom for dom in source.data_cfg.resolved_domains()}
+    trained_docs = {}
     for d, name in enumerate(names):
-        per_epoch = int(DocumentStore(os.path.join(corpus, name)).lengths.sum())
+        # an epoch is what training sees: the domain's documents less those held out for
+        # validation (data/heldout.py)
+        store = DocumentStore(os.path.join(corpus, name))
+        held = heldout_documents(store.lengths, name, effective_min_doc_length(
+            domains[name].mode or source.data_cfg.mode, domains[name].min_doc_length, L),
+            source.data_cfg.heldout)
+        per_epoch = int(store.lengths.sum() - store.lengths[held].sum())
+        assert len(held) > 0
+        trained_docs[name] = len(store) - len(held)
         assert epochs[name]["samples"] == rows[d]
         assert abs(epochs[name]["epochs"] - rows[d] * L / per_epoch) < 1e-9
     warned = sorted(n for n in names if epochs[n]["epochs"] > 0.1)
     assert warned and len(report["warnings"]) == len(warned)
     assert all(f"warning: domain {n!r} is repeated" in out for n in warned)
 
-    lengths = DocumentStore(os.path.join(corpus, "text")).lengths
-    hist = report["document_length_histogram"]["text"]
-    assert sum(c for _, _, c in hist) == len(lengths)
+    hist = report["document_length_histogram"]["text"]  # the documents training draws from
+    assert sum(c for _, _, c in hist) == trained_docs["text"]
     assert "|| doc 0 |" in out and "<|end_of_text|>" in out
 
     try:
