@@ -23,7 +23,9 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 def _cmd(run_dir, *extra):
     return [sys.executable, "-m", "megatron_prolong.train", "examples/demo_cpu.yaml",
             f"run_dir={run_dir}", "training.seq_length=256", "training.global_batch_size=2",
-            "logging.log_interval=1", "logging.tensorboard=false", *extra]
+            "logging.log_interval=1", "logging.tensorboard=false",
+            "evaluation.interval=0",  # evaluation has its own tests; recall needs longer rows
+            *extra]
 
 
 def _train(run_dir, *extra, timeout=300):
@@ -254,6 +256,18 @@ def test_input_errors_after_start_up_are_one_line_exit_2(tmp_path, override, nee
     assert out.returncode == 2, out.stdout + out.stderr
     (line,) = _error_lines(out)
     assert line.startswith(needle.format(tmp=tmp_path)), line
+
+
+def test_recall_too_long_for_the_rows_stops_at_start(tmp_path):
+    """Evaluation settings that cannot be met (recall at 256 tokens: the task's fixed text is
+    longer) stop the run before step 1 with one line, not with a traceback at the first
+    evaluation."""
+    out = _train(tmp_path / "run", "evaluation.interval=1")
+    assert out.returncode == 2, out.stdout + out.stderr
+    (line,) = _error_lines(out)
+    assert line.startswith("error: evaluation.recall_lengths (unset: training.seq_length)=[256]: "
+                           "256 tokens is too short"), line
+    assert "step 1" not in out.stdout
 
 
 def _write_dataset(prefix, docs, vocab_size=512):

@@ -5,7 +5,8 @@ being trained is scored on the held-out validation rows and the synthetic recall
 Results: a console line (and the recall table at the last step), a record in metrics.jsonl,
 TensorBoard scalars (val/*, val_domain/*, val_position/*, recall*/), and run_dir/eval/:
 step_N.json, recall_heatmap.png (latest), history.png (every evaluation so far).
-Validation rows and recall examples are built once, at the first evaluation.
+Validation rows and recall examples are built once, before the first step, so that settings they
+cannot satisfy (a recall length too short for its task) stop the run at start with one line.
 """
 from __future__ import annotations
 
@@ -13,11 +14,12 @@ import os
 import time
 from typing import Optional
 
-from megatron_prolong.config import RunConfig
+from megatron_prolong.config import ConfigError, RunConfig
 from megatron_prolong.evaluation.report import eval_line, eval_scalars, recall_table
 from megatron_prolong.evaluation.session import evaluate, read_history, write_results
 from megatron_prolong.evaluation.tasks import generate_examples
 from megatron_prolong.evaluation.validation import ValidationSettings, default_buckets
+from megatron_prolong.training.agreement import on_all_ranks
 from megatron_prolong.training.checkpoint import step_dir_name
 
 
@@ -27,6 +29,8 @@ class PeriodicEvaluation:
         self.data_cfg = getattr(data_source, "data_cfg", None)
         self.directory = os.path.join(cfg.run_dir, "eval")
         self._prepared: Optional[tuple] = None
+        if cfg.evaluation.interval > 0:  # collective: every rank fails together, before step 1
+            self._prepared = on_all_ranks(self._prepare)
 
     def due(self, step: int, total: int) -> bool:
         interval = self.cfg.evaluation.interval
@@ -42,9 +46,16 @@ class PeriodicEvaluation:
                                       e.long_document_tokens)
         examples = []
         if e.recall_tasks:
-            examples = generate_examples(e.recall_tasks, run_tokenizer(self.cfg, self.data_cfg), e.recall_lengths or [seq],
-                                         e.recall_depths, e.recall_examples, e.recall_seed,
-                                         e.recall_template)
+            lengths = e.recall_lengths or [seq]
+            try:
+                examples = generate_examples(e.recall_tasks, run_tokenizer(self.cfg, self.data_cfg),
+                                             lengths, e.recall_depths, e.recall_examples,
+                                             e.recall_seed, e.recall_template)
+            except ValueError as exc:
+                where = ("evaluation.recall_lengths" if e.recall_lengths
+                         else "evaluation.recall_lengths (unset: training.seq_length)")
+                raise ConfigError(f"{where}={lengths}: {exc}; give longer evaluation."
+                                  "recall_lengths or set evaluation.recall_tasks=[]") from None
         return samples, settings, examples
 
     def after_step(self, step: int, total: int, state) -> None:
