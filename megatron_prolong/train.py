@@ -6,8 +6,17 @@
 
 Exit codes: 0 done / saved and stopped on preemption, 2 configuration error, 3 diverged
 (non-finite losses), 4 the dry run says the recipe does not fit the GPU.
+
+Preemption (SIGTERM/SIGUSR1) is honoured from the start of `main`, before torch and
+megatron-core are imported: a signal during start-up stops the run before its first step
+(nothing to save), one during training after the current step with a checkpoint; both exit 0
+and leave RUN_DIR/preempted for the launcher (slurm/common.sh requeues on it).
 """
 from __future__ import annotations
+
+# First, and light (standard library only): the preemption flag is installed before anything
+# heavy is imported.
+from megatron_prolong.training.preemption import PreemptionFlag  # isort: skip
 
 import argparse
 import sys
@@ -36,6 +45,11 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
+    with PreemptionFlag() as preemption:
+        return _main(argv, preemption)
+
+
+def _main(argv: Optional[list[str]], preemption: PreemptionFlag) -> int:
     ns = parse_args(argv)
     try:
         cfg = load_config(ns.recipe, ns.overrides)
@@ -60,7 +74,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     try:
-        train(cfg, runtime, layout)
+        train(cfg, runtime, layout, preemption=preemption)
     except ConfigError as exc:  # found once data or checkpoints are opened
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -26,3 +26,17 @@ def megatron_single_process():
     runtime = init_distributed("cpu")
     init_model_parallel(Layout(1, 1, 1, 1, 1, 1), seed=1234)
     return runtime
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster():
+    """A one-node Slurm cluster on this machine (scripts/slurm_local.sh), one per session;
+    the tests that use it skip with the harness's reason where it cannot run."""
+    from slurm_cluster import SlurmCluster, SlurmUnavailable
+
+    try:
+        cluster = SlurmCluster.start()
+    except SlurmUnavailable as exc:
+        pytest.skip(str(exc))
+    yield cluster
+    cluster.stop()
