@@ -9,7 +9,8 @@
 # `start` writes everything into DIR (an empty directory of your choice; keep its path short:
 # it holds the munge socket): a MUNGE key and daemon on DIR/munge.socket, slurm.conf for this
 # host (its real cores and memory as `slurmd -C` reports them, one partition `cpu`, requeue
-# allowed), slurmctld and slurmd on free TCP ports, their state, spool and logs. Nothing outside
+# allowed; a requeued job may start again after CRED_EXPIRE seconds, default 10, where Slurm's
+# default is 120), slurmctld and slurmd on free TCP ports, their state, spool and logs. Nothing outside
 # DIR is configured, the system's own munge/slurm services are not touched, and several such
 # clusters can run side by side. `stop` cancels the cluster's jobs and stops the daemons that
 # `start` started (by the process ids it recorded).
@@ -90,7 +91,10 @@ SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
 CredType=cred/munge
-AuthInfo=socket=${DIR}/munge.socket
+# cred_expire is also how long a requeued job waits before it may start again (default 120 s);
+# the scheduler passes often, so that such a job starts as soon as it may.
+AuthInfo=socket=${DIR}/munge.socket,cred_expire=${CRED_EXPIRE:-10}
+SchedulerParameters=sched_interval=2,bf_interval=1
 StateSaveLocation=${DIR}/state
 SlurmdSpoolDir=${DIR}/spool
 SlurmctldPidFile=${DIR}/slurmctld.pid

@@ -9,6 +9,7 @@
 # RUN_DIR/checkpoints/latest. A signal sent to the step's processes directly (scancel --signal
 # without --batch, Slurm's own preemption) is honoured the same way: the run leaves
 # RUN_DIR/preempted, and the job is requeued on it. A signal before srun starts requeues at once.
+# `scancel JOB` (cancel) also saves a checkpoint, but the job stays cancelled.
 #
 # Variables (all optional): REPO_DIR, RUN_DIR, RECIPE, VENV (a virtualenv to activate),
 # TASKS_PER_NODE (srun tasks per node; default GPUS_PER_NODE, 8), DEVICE (cuda | cpu: adds
@@ -49,6 +50,15 @@ on_preemption_signal() {
 }
 
 requeue() {
+    # A cancelled job (scancel: SIGTERM, the job already ending) stays cancelled; a running one,
+    # or one at its time limit, is requeued.
+    local job state
+    job=$(scontrol show job "${SLURM_JOB_ID}" 2>/dev/null || true)
+    state=$(grep -o 'JobState=[A-Z_]*' <<< "${job}" || true)
+    if [[ ${state} != JobState=RUNNING && ${job} != *Reason=TimeLimit* ]]; then
+        echo "[$(stamp)] $1; job ${SLURM_JOB_ID} is ${state#JobState=} (cancelled): not requeueing"
+        return 0
+    fi
     echo "[$(stamp)] $1; requeueing job ${SLURM_JOB_ID} to resume"
     scontrol requeue "${SLURM_JOB_ID}"
 }

@@ -9,11 +9,9 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import subprocess
-import tempfile
 import time
-from typing import Callable, Optional
+from typing import Callable
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HARNESS = os.path.join(REPO, "scripts", "slurm_local.sh")
@@ -37,13 +35,12 @@ class SlurmCluster:
 
     # ------------------------------------------------------------------------- life cycle
     @classmethod
-    def start(cls, directory: Optional[str] = None) -> "SlurmCluster":
-        # Short path: the MUNGE socket lives in it (UNIX socket paths are limited to 108 bytes).
-        directory = directory or tempfile.mkdtemp(prefix="slurm-", dir="/tmp")
+    def start(cls, directory: str) -> "SlurmCluster":
+        """Start a cluster in `directory` (keep its path short: the MUNGE socket lives there,
+        and UNIX socket paths are limited to 108 bytes)."""
         proc = subprocess.run(["bash", HARNESS, "start", directory], capture_output=True,
                               text=True, timeout=900)
         if proc.returncode == CANNOT_RUN:
-            shutil.rmtree(directory, ignore_errors=True)
             raise SlurmUnavailable(proc.stderr.strip().splitlines()[-1])
         if proc.returncode != 0:
             raise RuntimeError(f"scripts/slurm_local.sh start failed:\n{proc.stdout}{proc.stderr}")
@@ -103,8 +100,3 @@ class SlurmCluster:
         """scancel --signal: to the batch shell only (--batch, what #SBATCH --signal=B:... does)
         or to every process of the job's steps (how Slurm signals a step)."""
         self.run("scancel", f"--signal={sig}", *(["--batch"] if batch else []), str(job_id))
-
-    def start_requeued_now(self, job_id: int) -> None:
-        """Slurm holds a requeued job for about two minutes (its BeginTime) before it may
-        start again; bring that forward, as an administrator can, so tests do not wait."""
-        self.run("scontrol", "update", f"JobId={job_id}", "StartTime=now")

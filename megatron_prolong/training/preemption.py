@@ -53,7 +53,8 @@ class PreemptionFlag:
                 signal.signal(sig, handler)
 
     def _handle(self, signum, _frame) -> None:
-        self.received = signum
+        if self.received is None:  # the first one says why (a time limit: TERM, then more)
+            self.received = signum
 
     @property
     def signal_name(self) -> str:
