@@ -7,7 +7,7 @@
 # --signal=USR1 or TERM); the trap forwards SIGUSR1 to the srun step, every rank finishes its
 # step, saves a checkpoint and exits 0, and this script requeues the job, which resumes from
 # RUN_DIR/checkpoints/latest. A signal sent to the step's processes directly (scancel --signal
-# without --batch, Slurm's own preemption) is honoured the same way: the run leaves
+# without --batch) is honoured the same way: the run leaves
 # RUN_DIR/preempted, and the job is requeued on it. A signal before srun starts requeues at once.
 # `scancel JOB` (cancel) also saves a checkpoint, but the job stays cancelled.
 #
