@@ -9,8 +9,17 @@ Exit codes: 0 done / saved and stopped on preemption, 2 configuration or input e
 owns, a checkpoint of another model shape, unreadable data or token ids outside the
 vocabulary), 3 diverged (training.max_nan_steps skipped steps in a row), 4 the dry run says the
 recipe does not fit the GPU.
+
+Preemption (SIGTERM/SIGUSR1) is honoured from the start of `main`, before torch and
+megatron-core are imported: a signal during start-up stops the run before its first step
+(nothing to save), one during training after the current step with a checkpoint; both exit 0
+and leave RUN_DIR/preempted for the launcher (slurm/common.sh requeues on it).
 """
 from __future__ import annotations
+
+# First, and light (standard library only): the preemption flag is installed before anything
+# heavy is imported.
+from megatron_prolong.training.preemption import PreemptionFlag  # isort: skip
 
 import argparse
 import os
@@ -40,6 +49,11 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
+    with PreemptionFlag() as preemption:
+        return _main(argv, preemption)
+
+
+def _main(argv: Optional[list[str]], preemption: PreemptionFlag) -> int:
     ns = parse_args(argv)
     try:
         cfg = load_config(ns.recipe, ns.overrides)
@@ -69,7 +83,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     from megatron_prolong.data.indexed import DataFileError
 
     try:
-        train(cfg, runtime, layout)
+        train(cfg, runtime, layout, preemption=preemption)
     except (ConfigError, DataFileError) as exc:  # run dir, checkpoints, data: after start-up
         # Errors every rank found together are printed once; the launcher (torchrun, srun
         # --kill-on-bad-exit) stops the other ranks when one rank alone exits.

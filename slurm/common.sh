@@ -1,20 +1,30 @@
 #!/bin/bash
 # Shared launch logic for slurm/stage1.sh, stage2.sh and sft.sh (sourced, not run).
-# One srun task per GPU; rank/world/rendezvous come from Slurm (the first node of the
-# allocation is the rendezvous host). Preemption: Slurm sends SIGUSR1 to this batch shell
-# (#SBATCH --signal=B:USR1@...); the trap forwards it to the srun step, every rank finishes its
-# step, the run saves a checkpoint and exits 0, then the job requeues itself and resumes from
-# RUN_DIR/checkpoints/latest.
+# One srun task per GPU (or per CPU process with DEVICE=cpu); rank/world/rendezvous come from
+# Slurm (the first node of the allocation is the rendezvous host).
 #
-# Variables (all optional): REPO_DIR, RUN_DIR, GPUS_PER_NODE (8), GPU_KIND (h100|h200, for the
-# dry run), MASTER_PORT (29500), VENV (a virtualenv to activate), EXTRA_OVERRIDES (more
-# key=value), DRY_RUN_ONLY=1 (validate the settings and stop; works without Slurm).
+# Preemption: Slurm signals the batch shell (#SBATCH --signal=B:USR1@..., scancel --batch
+# --signal=USR1 or TERM); the trap forwards SIGUSR1 to the srun step, every rank finishes its
+# step, saves a checkpoint and exits 0, and this script requeues the job, which resumes from
+# RUN_DIR/checkpoints/latest. A signal sent to the step's processes directly (scancel --signal
+# without --batch) is honoured the same way: the run leaves
+# RUN_DIR/preempted, and the job is requeued on it. A signal before srun starts requeues at once.
+# `scancel JOB` (cancel) also saves a checkpoint, but the job stays cancelled.
+#
+# Variables (all optional): REPO_DIR, RUN_DIR, RECIPE, VENV (a virtualenv to activate),
+# TASKS_PER_NODE (srun tasks per node; default GPUS_PER_NODE, 8), DEVICE (cuda | cpu: adds
+# training.device=...; cpu runs the tasks as CPU processes over gloo), GPU_KIND (h100|h200, for
+# the dry run), MASTER_PORT (default: derived from the job id), EXTRA_OVERRIDES (more key=value,
+# applied last), DRY_RUN_ONLY=1 (validate the settings and stop; works without Slurm).
+# CPU smoke test of a launch: docs/training.md, "Slurm".
 
 set -euo pipefail
 
 GPUS_PER_NODE=${GPUS_PER_NODE:-8}
+TASKS_PER_NODE=${TASKS_PER_NODE:-${GPUS_PER_NODE}}
 GPU_KIND=${GPU_KIND:-h100}
-MASTER_PORT=${MASTER_PORT:-29500}
+# Jobs that share a node must not share a rendezvous port.
+MASTER_PORT=${MASTER_PORT:-$((20000 + ${SLURM_JOB_ID:-9500} % 20000))}
 
 prolong_env() {
     if [[ -n ${VENV:-} ]]; then
@@ -26,7 +36,31 @@ prolong_env() {
     export CUDA_DEVICE_MAX_CONNECTIONS=1   # TP/SP communication overlap ordering
     export NCCL_ASYNC_ERROR_HANDLING=1
     export TORCH_NCCL_ASYNC_ERROR_HANDLING=1
-    export OMP_NUM_THREADS=${OMP_NUM_THREADS:-8}
+    export OMP_NUM_THREADS=${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-8}}
+}
+
+stamp() { date +%Y-%m-%dT%H:%M:%S.%N | cut -c1-23; }
+
+on_preemption_signal() {
+    PREEMPTED=1
+    echo "[$(stamp)] preemption signal: forwarding SIGUSR1 to the training ranks"
+    if [[ -n ${SRUN_PID:-} ]]; then
+        kill -USR1 "${SRUN_PID}" 2>/dev/null || true
+    fi
+}
+
+requeue() {
+    # A cancelled job (scancel: SIGTERM, the job already ending) stays cancelled; a running one,
+    # or one at its time limit, is requeued.
+    local job state
+    job=$(scontrol show job "${SLURM_JOB_ID}" 2>/dev/null || true)
+    state=$(grep -o 'JobState=[A-Z_]*' <<< "${job}" || true)
+    if [[ ${state} != JobState=RUNNING && ${job} != *Reason=TimeLimit* ]]; then
+        echo "[$(stamp)] $1; job ${SLURM_JOB_ID} is ${state#JobState=} (cancelled): not requeueing"
+        return 0
+    fi
+    echo "[$(stamp)] $1; requeueing job ${SLURM_JOB_ID} to resume"
+    scontrol requeue "${SLURM_JOB_ID}"
 }
 
 # prolong_train NODES RECIPE [key=value ...]
@@ -34,28 +68,38 @@ prolong_train() {
     local nodes=$1 recipe=$2
     shift 2
     local overrides=("$@")
+    if [[ -n ${DEVICE:-} ]]; then
+        overrides+=("training.device=${DEVICE}")
+    fi
     if [[ -n ${EXTRA_OVERRIDES:-} ]]; then
         read -r -a extra <<< "${EXTRA_OVERRIDES}"
         overrides+=("${extra[@]}")
     fi
+    # From here on a preemption signal is never fatal to this script.
+    PREEMPTED=0
+    SRUN_PID=
+    trap on_preemption_signal USR1 TERM
     prolong_env
     # Validate layout, budget and memory before any GPU time is spent (exit 4: does not fit).
     python -m megatron_prolong.train "${recipe}" "${overrides[@]}" \
-        --dry-run --nodes "${nodes}" --gpus-per-node "${GPUS_PER_NODE}" --gpu "${GPU_KIND}"
+        --dry-run --nodes "${nodes}" --gpus-per-node "${TASKS_PER_NODE}" --gpu "${GPU_KIND}"
     if [[ ${DRY_RUN_ONLY:-0} == 1 ]]; then
+        return 0
+    fi
+    if [[ ${PREEMPTED} == 1 ]]; then
+        requeue "preempted before the training step started"
         return 0
     fi
 
     MASTER_ADDR=$(scontrol show hostnames "${SLURM_JOB_NODELIST}" | head -n 1)
     export MASTER_ADDR MASTER_PORT
-    export WORLD_SIZE=$((nodes * GPUS_PER_NODE))
-    echo "launching ${WORLD_SIZE} ranks, rendezvous ${MASTER_ADDR}:${MASTER_PORT}, run_dir ${RUN_DIR}"
+    export WORLD_SIZE=$((nodes * TASKS_PER_NODE))
+    echo "[$(stamp)] launching ${WORLD_SIZE} ranks, rendezvous ${MASTER_ADDR}:${MASTER_PORT}," \
+        "run_dir ${RUN_DIR}, restart ${SLURM_RESTART_COUNT:-0}"
 
-    PREEMPTED=0
-    trap 'PREEMPTED=1; echo "preemption signal: forwarding to the training ranks"; kill -USR1 "${SRUN_PID}" 2>/dev/null || true' USR1 TERM
     # The single quotes are deliberate: SLURM_PROCID/SLURM_LOCALID expand inside each task.
     # shellcheck disable=SC2016
-    srun --nodes="${nodes}" --ntasks-per-node="${GPUS_PER_NODE}" --kill-on-bad-exit=1 \
+    srun --nodes="${nodes}" --ntasks-per-node="${TASKS_PER_NODE}" --kill-on-bad-exit=1 \
         bash -c 'export RANK=${SLURM_PROCID} LOCAL_RANK=${SLURM_LOCALID}; exec python -m megatron_prolong.train "$@"' \
         prolong "${recipe}" "${overrides[@]}" &
     SRUN_PID=$!
@@ -64,9 +108,9 @@ prolong_train() {
     while kill -0 "${SRUN_PID}" 2>/dev/null; do
         wait "${SRUN_PID}" && rc=0 || rc=$?
     done
-    if [[ ${PREEMPTED} == 1 && ${rc} == 0 ]]; then
-        echo "checkpoint saved; requeueing job ${SLURM_JOB_ID} to resume"
-        scontrol requeue "${SLURM_JOB_ID}"
+    # The ranks write RUN_DIR/preempted when they stopped for a signal, whoever sent it.
+    if [[ ${rc} == 0 && (${PREEMPTED} == 1 || -f ${RUN_DIR}/preempted) ]]; then
+        requeue "checkpoint saved ($(cat "${RUN_DIR}/preempted" 2>/dev/null || echo "no marker"))"
     fi
     return "${rc}"
 }

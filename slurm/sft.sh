@@ -16,6 +16,7 @@
 #SBATCH --requeue
 #SBATCH --signal=B:USR1@300
 #SBATCH --output=logs/%x-%j.out
+#SBATCH --open-mode=append
 
 REPO_DIR=${REPO_DIR:-${SLURM_SUBMIT_DIR:-$(pwd)}}
 # shellcheck source=slurm/common.sh
@@ -24,11 +25,11 @@ source "${REPO_DIR}/slurm/common.sh"
 NODES=${SLURM_JOB_NUM_NODES:-${NODES:-8}}
 RECIPE=${RECIPE:-examples/sft.yaml}
 RUN_DIR=${RUN_DIR:-${REPO_DIR}/runs/sft}
-STAGE2_RUN=${STAGE2_RUN:-${REPO_DIR}/runs/stage2_512k}
+STAGE2_RUN=${STAGE2_RUN-${REPO_DIR}/runs/stage2_512k}
 export SFT_DATA=${SFT_DATA:-${REPO_DIR}/data/ultrachat}
-TOKENIZER=${TOKENIZER:-${REPO_DIR}/checkpoints/Meta-Llama-3-8B-Instruct/original/tokenizer.model}
+TOKENIZER=${TOKENIZER-${REPO_DIR}/checkpoints/Meta-Llama-3-8B-Instruct/original/tokenizer.model}
 
 prolong_train "${NODES}" "${RECIPE}" \
     "run_dir=${RUN_DIR}" \
-    "checkpoint.load=${STAGE2_RUN}" \
-    "data.tokenizer_path=${TOKENIZER}"
+    ${STAGE2_RUN:+"checkpoint.load=${STAGE2_RUN}"} \
+    ${TOKENIZER:+"data.tokenizer_path=${TOKENIZER}"}

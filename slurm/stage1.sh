@@ -16,6 +16,7 @@
 #SBATCH --requeue
 #SBATCH --signal=B:USR1@300
 #SBATCH --output=logs/%x-%j.out
+#SBATCH --open-mode=append
 
 REPO_DIR=${REPO_DIR:-${SLURM_SUBMIT_DIR:-$(pwd)}}
 # shellcheck source=slurm/common.sh
@@ -24,11 +25,11 @@ source "${REPO_DIR}/slurm/common.sh"
 NODES=${SLURM_JOB_NUM_NODES:-${NODES:-8}}
 RECIPE=${RECIPE:-examples/stage1_64k.yaml}
 RUN_DIR=${RUN_DIR:-${REPO_DIR}/runs/stage1_64k}
-INIT_CKPT=${INIT_CKPT:-${REPO_DIR}/checkpoints/llama3-8b-instruct-mcore}
+INIT_CKPT=${INIT_CKPT-${REPO_DIR}/checkpoints/llama3-8b-instruct-mcore}
 export PROLONG_DATA=${PROLONG_DATA:-${REPO_DIR}/data/prolong-64k}
-TOKENIZER=${TOKENIZER:-${REPO_DIR}/checkpoints/Meta-Llama-3-8B-Instruct/original/tokenizer.model}
+TOKENIZER=${TOKENIZER-${REPO_DIR}/checkpoints/Meta-Llama-3-8B-Instruct/original/tokenizer.model}
 
 prolong_train "${NODES}" "${RECIPE}" \
     "run_dir=${RUN_DIR}" \
-    "checkpoint.load=${INIT_CKPT}" \
-    "data.tokenizer_path=${TOKENIZER}"
+    ${INIT_CKPT:+"checkpoint.load=${INIT_CKPT}"} \
+    ${TOKENIZER:+"data.tokenizer_path=${TOKENIZER}"}

@@ -17,6 +17,7 @@
 #SBATCH --requeue
 #SBATCH --signal=B:USR1@600
 #SBATCH --output=logs/%x-%j.out
+#SBATCH --open-mode=append
 
 REPO_DIR=${REPO_DIR:-${SLURM_SUBMIT_DIR:-$(pwd)}}
 # shellcheck source=slurm/common.sh
@@ -25,11 +26,11 @@ source "${REPO_DIR}/slurm/common.sh"
 NODES=${SLURM_JOB_NUM_NODES:-${NODES:-8}}
 RECIPE=${RECIPE:-examples/stage2_512k.yaml}
 RUN_DIR=${RUN_DIR:-${REPO_DIR}/runs/stage2_512k}
-STAGE1_RUN=${STAGE1_RUN:-${REPO_DIR}/runs/stage1_64k}
+STAGE1_RUN=${STAGE1_RUN-${REPO_DIR}/runs/stage1_64k}
 export PROLONG_DATA=${PROLONG_DATA:-${REPO_DIR}/data/prolong-512k}
-TOKENIZER=${TOKENIZER:-${REPO_DIR}/checkpoints/Meta-Llama-3-8B-Instruct/original/tokenizer.model}
+TOKENIZER=${TOKENIZER-${REPO_DIR}/checkpoints/Meta-Llama-3-8B-Instruct/original/tokenizer.model}
 
 prolong_train "${NODES}" "${RECIPE}" \
     "run_dir=${RUN_DIR}" \
-    "checkpoint.load=${STAGE1_RUN}" \
-    "data.tokenizer_path=${TOKENIZER}"
+    ${STAGE1_RUN:+"checkpoint.load=${STAGE1_RUN}"} \
+    ${TOKENIZER:+"data.tokenizer_path=${TOKENIZER}"}

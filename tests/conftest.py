@@ -26,3 +26,18 @@ def megatron_single_process():
     runtime = init_distributed("cpu")
     init_model_parallel(Layout(1, 1, 1, 1, 1, 1), seed=1234)
     return runtime
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster(tmp_path_factory):
+    """A one-node Slurm cluster on this machine (scripts/slurm_local.sh), one per session;
+    the tests that use it skip with the harness's reason where it cannot run. Its
+    configuration, state and daemon logs stay in the session's `slurm0` temporary directory."""
+    from slurm_cluster import SlurmCluster, SlurmUnavailable
+
+    try:
+        cluster = SlurmCluster.start(str(tmp_path_factory.mktemp("slurm")))
+    except SlurmUnavailable as exc:
+        pytest.skip(str(exc))
+    yield cluster
+    cluster.stop()

@@ -1,4 +1,5 @@
-"""Slurm launch scripts: syntax, shellcheck, and their settings validated by the dry run."""
+"""Slurm launch scripts: syntax, shellcheck, and their settings validated by the dry run (GPU
+recipes, and the CPU smoke-test settings). Under a real Slurm: tests/test_slurm_jobs.py."""
 import os
 import re
 import shutil
@@ -24,9 +25,9 @@ def test_every_script_is_covered():
     assert set(TRAINING) | {"convert_to_hf.sh", "common.sh", "preprocess.sh"} == set(SCRIPTS)
 
 
-@pytest.mark.parametrize("script", SCRIPTS)
-def test_bash_syntax_and_shellcheck(script):
-    path = os.path.join("slurm", script)
+@pytest.mark.parametrize("path", [os.path.join("slurm", s) for s in SCRIPTS]
+                         + ["scripts/slurm_local.sh"])
+def test_bash_syntax_and_shellcheck(path):
     subprocess.run(["bash", "-n", path], cwd=REPO, check=True)
     out = subprocess.run([_shellcheck(), "-x", path], cwd=REPO, capture_output=True, text=True)
     assert out.returncode == 0, out.stdout + out.stderr
@@ -56,3 +57,24 @@ def test_script_settings_pass_the_dry_run(script, tmp_path):
     assert out.returncode == 0, out.stdout + out.stderr
     assert f"on {sb['nodes']} node(s) x 8 H100" in out.stdout
     assert "fits on H100 (79.6 GiB): yes" in out.stdout
+
+
+SMOKE = {"stage1.sh": ("examples/smoke/stage1_cpu.yaml", "RoPE theta 8,000,000"),
+         "stage2.sh": ("examples/smoke/stage2_cpu.yaml", "RoPE theta 128,000,000"),
+         "sft.sh": ("examples/smoke/sft_cpu.yaml", "RoPE theta 128,000,000")}
+
+
+@pytest.mark.parametrize("script", TRAINING)
+def test_cpu_smoke_settings_pass_the_dry_run_as_cpu_processes(script, tmp_path):
+    """The documented CPU smoke test (variables only): the dry run plans CPU processes."""
+    recipe, theta = SMOKE[script]
+    env = {**os.environ, "DRY_RUN_ONLY": "1", "SLURM_JOB_NUM_NODES": "1", "REPO_DIR": REPO,
+           "RUN_DIR": str(tmp_path / "run"), "DEVICE": "cpu", "TASKS_PER_NODE": "2",
+           "RECIPE": recipe, "TOKENIZER": "", "INIT_CKPT": "", "STAGE1_RUN": "",
+           "STAGE2_RUN": "", "SFT_DATA": str(tmp_path)}
+    out = subprocess.run(["bash", os.path.join("slurm", script)], cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "on 1 node(s) x 2 CPU processes = 2 processes" in out.stdout
+    assert "TP=2 PP=1 CP=1 DP=1" in out.stdout and theta in out.stdout
+    assert "H100" not in out.stdout

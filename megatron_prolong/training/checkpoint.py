@@ -35,6 +35,7 @@ import yaml
 from megatron.core import dist_checkpointing, tensor_parallel
 
 from megatron_prolong.config import ConfigError, ModelConfig, RunConfig, config_from_dict, to_dict
+from megatron_prolong.training.preemption import signals_blocked
 from megatron_prolong.training.weights import model_sharded_state_dict, unwrap
 
 LATEST = "latest"
@@ -147,8 +148,11 @@ class CheckpointManager:
             os.makedirs(os.path.join(tmp, "dist"))
             os.makedirs(os.path.join(tmp, "rng"))
         _barrier()
-        dist_checkpointing.save(_sharded_state(model, optimizer, True, False),
-                                os.path.join(tmp, "dist"))
+        # The writer processes torch_dist starts here must outlive a preemption signal sent
+        # to the whole process tree (Slurm does): see training/preemption.py.
+        with signals_blocked():
+            dist_checkpointing.save(_sharded_state(model, optimizer, True, False),
+                                    os.path.join(tmp, "dist"))
         self._write_rank_files(tmp, progress)
         _barrier()  # every rank's files are on disk
         if _rank() == 0:

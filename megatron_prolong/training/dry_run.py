@@ -13,7 +13,11 @@ The estimate is analytic and per rank of the most loaded pipeline stage:
   flight on the first stage.
 - loss: chunked cross-entropy holds two fp32 [chunk, vocab/tp] buffers; unchunked, the whole
   [tokens, vocab/tp] logits in bf16 and fp32 plus their gradient.
-- a fixed 4 GiB for the CUDA context, NCCL buffers and allocator fragmentation.
+- a fixed 4 GiB for the CUDA context, NCCL buffers and allocator fragmentation (GPU runs).
+
+A recipe with `training.device: cpu` (the tiny CPU smoke tests of slurm/*.sh) is planned for CPU
+processes: the report names them, gives the same estimate per process (no CUDA overhead) as
+host memory, and has no GPU capacity to check it against.
 """
 from __future__ import annotations
 
@@ -93,14 +97,21 @@ def estimate_memory(cfg: RunConfig, layout: Layout) -> MemoryEstimate:
     return MemoryEstimate(params=params * (2 if bf16 else 4), grads=params * 4,
                           optimizer=params * opt_bytes, activations_none=act_none,
                           activations_selective=act_selective, activations_full=act_full,
-                          loss=loss)
+                          loss=loss, overhead=0.0 if t.device == "cpu" else OVERHEAD_GIB * GIB)
+
+
+def _count(n: float) -> str:
+    """8.03B, 20.00B; 1.23M for the tiny models of the CPU smoke tests."""
+    return f"{n / 1e9:,.2f}B" if n >= 1e9 else f"{n / 1e6:,.2f}M"
 
 
 def dry_run_report(cfg: RunConfig, nodes: int, gpus_per_node: int, gpu: str) -> tuple[str, bool]:
-    """The printed report and whether the configured run fits the GPU."""
+    """The printed report and whether the configured run fits the GPU (always True for a CPU
+    recipe, whose `gpus_per_node` are CPU processes per node)."""
     gpu = gpu.lower()
     if gpu not in GPU_MEMORY_GIB:
         raise ValueError(f"--gpu {gpu!r}: choose one of {', '.join(GPU_MEMORY_GIB)}")
+    on_cpu = cfg.training.device == "cpu"
     world = nodes * gpus_per_node
     layout = validate(cfg, world)
     t = cfg.training
@@ -109,13 +120,24 @@ def dry_run_report(cfg: RunConfig, nodes: int, gpus_per_node: int, gpu: str) -> 
     capacity = GPU_MEMORY_GIB[gpu]
     mode = cfg.model.recompute
     total = est.total(mode) / GIB
-    fits = total <= capacity
+    fits = on_cpu or total <= capacity
     layer, embed, output = parameter_counts(cfg)
     n_params = cfg.model.num_layers * layer + embed + output
     g = lambda x: f"{x / GIB:7.2f} GiB"  # noqa: E731
+    if on_cpu:
+        where = f"{nodes} node(s) x {gpus_per_node} CPU processes = {world} processes"
+        per, overhead = "process", "CUDA/NCCL overhead (none)"
+        verdict = (f"  device         CPU (training.device=cpu): {total:.2f} GiB of host memory "
+                   "per process; no GPU memory to check against")
+    else:
+        where = f"{nodes} node(s) x {gpus_per_node} {gpu.upper()} = {world} GPUs"
+        per, overhead = "GPU", "CUDA/NCCL overhead"
+        verdict = (f"  fits on {gpu.upper()} ({capacity} GiB): {'yes' if fits else 'NO'}"
+                   + ("" if fits else " - raise parallel.tensor/context, use model.recompute=full, "
+                      "or lower training.micro_batch_size"))
     lines = [
-        f"dry run: {cfg.name} on {nodes} node(s) x {gpus_per_node} {gpu.upper()} = {world} GPUs",
-        f"  model          {cfg.model.preset or 'custom'}: {n_params / 1e9:.2f}B parameters, "
+        f"dry run: {cfg.name} on {where}",
+        f"  model          {cfg.model.preset or 'custom'}: {_count(n_params)} parameters, "
         f"{cfg.model.num_layers} layers, hidden {cfg.model.hidden_size}, vocab "
         f"{cfg.model.vocab_size}, RoPE theta {cfg.model.rotary_base:,.0f}",
         f"  layout         TP={layout.tp} PP={layout.pp} CP={layout.cp} DP={layout.dp} "
@@ -124,10 +146,10 @@ def dry_run_report(cfg: RunConfig, nodes: int, gpus_per_node: int, gpu: str) -> 
         f"  batch          seq_length {t.seq_length:,} x global batch {t.global_batch_size} = "
         f"{t.tokens_per_step:,} tokens/step; micro-batch {t.micro_batch_size}, "
         f"{layout.num_microbatches} micro-batches/step per DP rank",
-        f"  budget         {steps:,} steps = {steps * t.tokens_per_step / 1e9:,.2f}B tokens "
+        f"  budget         {steps:,} steps = {_count(steps * t.tokens_per_step)} tokens "
         f"(warmup {round(cfg.scheduler.warmup_fraction * steps)} steps, peak LR "
         f"{cfg.optimizer.lr:g}, min {cfg.optimizer.lr * cfg.optimizer.min_lr_ratio:g})",
-        f"  memory per GPU (most loaded pipeline stage, {t.precision}):",
+        f"  memory per {per} (most loaded pipeline stage, {t.precision}):",
         f"    parameters                  {g(est.params)}",
         f"    gradients (fp32)            {g(est.grads)}",
         f"    optimizer state             {g(est.optimizer)}",
@@ -135,11 +157,9 @@ def dry_run_report(cfg: RunConfig, nodes: int, gpus_per_node: int, gpu: str) -> 
         f"    activations, selective      {g(est.activations_selective)}",
         f"    activations, full recompute {g(est.activations_full)}",
         f"    loss (chunk {t.loss_chunk_size or 'off'})          {g(est.loss)}",
-        f"    CUDA/NCCL overhead          {g(est.overhead)}",
+        f"    {overhead:<27} {g(est.overhead)}",
         f"    total, recompute={mode:<9} {g(est.total(mode))}   "
         f"(none: {est.total('none') / GIB:.1f}, full: {est.total('full') / GIB:.1f} GiB)",
-        f"  fits on {gpu.upper()} ({capacity} GiB): {'yes' if fits else 'NO'}"
-        + ("" if fits else " - raise parallel.tensor/context, use model.recompute=full, "
-           "or lower training.micro_batch_size"),
+        verdict,
     ]
     return "\n".join(lines), fits

@@ -6,15 +6,14 @@ training/step.train_step.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
-import signal
 import sys
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Optional
 
-import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
@@ -33,11 +32,14 @@ from megatron_prolong.training.metrics import MetricsLogger
 from megatron_prolong.training.parallel import Runtime
 from megatron_prolong.training.periodic_eval import PeriodicEvaluation
 from megatron_prolong.training.run_lock import RunDirLock
+from megatron_prolong.training.preemption import (
+    PreemptionFlag,
+    clear_preempted_marker,
+    write_preempted_marker,
+)
 from megatron_prolong.training.schedule import LRSchedule
 from megatron_prolong.training.step import TrainState, setup_training, train_step
 from megatron_prolong.training.weights import weights_are_finite
-
-PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
 class TrainingDiverged(RuntimeError):
@@ -52,34 +54,6 @@ class RunResult:
     stop_reason: str = "done"  # done | preempted | exit_at_step
     checkpoint: Optional[str] = None
     resumed_from: Optional[str] = None
-
-
-class PreemptionFlag:
-    """SIGTERM/SIGUSR1 (Slurm preemption, `scancel --signal`, time limits) set a flag; the loop
-    checks it after each step on every rank together, then saves and exits cleanly."""
-
-    def __init__(self) -> None:
-        self.received: Optional[int] = None
-        self._previous = {}
-
-    def __enter__(self) -> "PreemptionFlag":
-        for sig in PREEMPTION_SIGNALS:
-            self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-    def _handle(self, signum, _frame) -> None:
-        self.received = signum
-
-    def any_rank(self) -> bool:
-        """Collective: True when any rank got a signal (srun may signal only some)."""
-        flag = torch.tensor([1.0 if self.received is not None else 0.0])
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
 
 
 def _print0(*args) -> None:
@@ -158,25 +132,29 @@ def _diverged(message: str, last_good: Optional[str]) -> TrainingDiverged:
 
 
 def train(cfg: RunConfig, runtime: Runtime, layout: Layout,
-          step_hook: Optional[Callable] = None, data_source=None) -> RunResult:
+          step_hook: Optional[Callable] = None, data_source=None,
+          preemption: Optional[PreemptionFlag] = None) -> RunResult:
     """Run (or resume) training to cfg's step budget. Collective over all ranks.
 
     `step_hook(step, result, state, batches)` runs after every step (tests, custom callbacks);
-    `data_source` replaces the one built from cfg.data (tests)."""
+    `data_source` replaces the one built from cfg.data (tests); `preemption` is the flag the
+    entry point installed at process start (else one is installed here)."""
     locks = on_all_ranks(lambda: lock_run_dirs(cfg, runtime.rank))
     try:
-        return _train_locked(cfg, runtime, layout, step_hook, data_source)
+        return _train_locked(cfg, runtime, layout, step_hook, data_source, preemption)
     finally:
         release_locks(locks)
 
 
 def _train_locked(cfg: RunConfig, runtime: Runtime, layout: Layout,
-                  step_hook: Optional[Callable], data_source) -> RunResult:
+                  step_hook: Optional[Callable], data_source,
+                  preemption: Optional[PreemptionFlag]) -> RunResult:
     ckpt = CheckpointManager(cfg.checkpoint.save_dir or os.path.join(cfg.run_dir, "checkpoints"),
                              cfg.checkpoint.keep_last, run_config=cfg)
     own, source = on_all_ranks(lambda: find_start(cfg, ckpt))
     if runtime.rank == 0:  # only once the checkpoint is known to fit this config
         save_config(cfg, os.path.join(cfg.run_dir, "config.yaml"))
+        clear_preempted_marker(cfg.run_dir)
     state = setup_training(cfg, runtime, layout)
     progress, resumed_from = restore(cfg, state, layout, own, source)
     schedule = LRSchedule.from_config(cfg)
@@ -203,8 +181,16 @@ def _train_locked(cfg: RunConfig, runtime: Runtime, layout: Layout,
         return ckpt.save(state.model, state.optimizer, progress)
 
     try:
-        with PreemptionFlag() as preemption:
-            while progress.step < total:
+        flag = PreemptionFlag() if preemption is None else contextlib.nullcontext(preemption)
+        with flag as preemption:
+            # A signal during start-up (imports, rendezvous, model build, checkpoint load):
+            # nothing was trained since `resumed_from`, so stop without saving.
+            if progress.step < total and preemption.any_rank():
+                result.stop_reason = "preempted"
+                _print0(f"preempted during start-up ({preemption.signal_name}), before step "
+                        f"{progress.step + 1}: nothing new to save; relaunch to resume from "
+                        f"{resumed_from or 'the start'}")
+            while result.stop_reason == "done" and progress.step < total:
                 batches = data_source.next_step()
                 lr = schedule.lr(progress.step)
                 start = time.perf_counter()
@@ -238,14 +224,22 @@ def _train_locked(cfg: RunConfig, runtime: Runtime, layout: Layout,
                 interval = cfg.checkpoint.save_interval
                 if (preempted or exit_now or progress.step == total
                         or (interval and progress.step % interval == 0)):
+                    signalled_before = preemption.received is not None
                     last_saved = save()
                     result.checkpoint = last_saved
                     _print0(f"saved checkpoint {last_saved}")
+                    if (not signalled_before and preemption.received is not None
+                            and progress.step < total):
+                        _print0(f"{preemption.signal_name} arrived during this save, which "
+                                "completed; stopping after the next step")
                 if preempted or exit_now:
                     result.stop_reason = "preempted" if preempted else "exit_at_step"
                     _print0(f"stopping after step {progress.step} "
                             f"({result.stop_reason}); relaunch to resume from {last_saved}")
                     break
+        if result.stop_reason == "preempted" and runtime.rank == 0:
+            write_preempted_marker(cfg.run_dir, progress.step, preemption.signal_name,
+                                   last_saved or resumed_from)
     finally:
         metrics.close()
         sys.stdout.flush()
