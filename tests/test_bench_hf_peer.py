@@ -1,22 +1,16 @@
 """The HF transformers peer (tools/bench_hf_peer.py): its document masking, its chunked loss
 and its choice of attention, on CPU with a tiny Llama (the GPU kit runs it at 64K)."""
-import importlib.util
 import os
 
 import pytest
 import torch
 
 from megatron_prolong.config import load_config
+from tool_modules import load_tool
 
 TOOLS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools")
 
 
-def load_tool(name: str):
-    """A tools/ script as a module (it puts tools/ on sys.path for its own imports)."""
-    spec = importlib.util.spec_from_file_location(name, os.path.join(TOOLS, f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")

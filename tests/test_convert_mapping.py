@@ -22,6 +22,7 @@ from megatron_prolong.convert.hf_to_mcore import hf_to_mcore
 from megatron_prolong.convert.rope import STALE_ROPE_KEYS
 
 from test_convert_parity import hf_rope_theta, tiny_hf_model, transformers_major
+from tool_modules import load_tool
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -306,12 +307,7 @@ def test_exported_config_states_one_base():
 
 
 def load_cli():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("convert_cli", os.path.join(ROOT, "tools", "convert.py"))
-    cli = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cli)
-    return cli
+    return load_tool("convert")
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)

@@ -2,7 +2,6 @@
 mosaicml-streaming's own MDSWriter and merge_index: per domain directory a merged index.json over
 procNN-64/ parts that keep their own index.json (prolong-data-64K/-512K), a root index.json over
 0-0/ (prolong-ultrachat-64K), a `domain` column that is not the directory name."""
-import importlib.util
 import json
 import os
 
@@ -16,6 +15,7 @@ from megatron_prolong.data.mds import MDSFormatError
 from megatron_prolong.data.mds_import import import_mds
 from megatron_prolong.data.mixture import build_pretraining_dataset
 from test_data_helpers import import_streaming
+from tool_modules import load_tool
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Column types of the release's index files (length: uint64 in the 64K set, int in the 512K one).
@@ -136,12 +136,8 @@ def test_ultrachat_layout_root_index_over_0_0_with_mask(tmp_path):
 
 
 # --------------------------------------------------------------------------------------------- errors
-def load_tool():
-    spec = importlib.util.spec_from_file_location(
-        "import_tool", os.path.join(ROOT, "tools", "import_prolong_mds.py"))
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
-    return tool
+def load_import_tool():
+    return load_tool("import_prolong_mds")
 
 
 def _shard(domain_dir, k=1):
@@ -205,7 +201,7 @@ def test_format_errors_one_line_naming_the_shard_and_no_dataset_left(release_64k
     shutil.copytree(root, copy)
     needles = _break(case, copy / "textbooks")
     out = tmp_path / "out"
-    rc = load_tool().main(["--input", str(copy), "--output-dir", str(out)])
+    rc = load_import_tool().main(["--input", str(copy), "--output-dir", str(out)])
     err = capsys.readouterr().err
     assert rc == 2 and err.startswith("error: ") and err.count("\n") == 1, err
     for needle in needles:

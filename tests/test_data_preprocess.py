@@ -11,6 +11,7 @@ from megatron_prolong.data.indexed import DocumentStore
 from megatron_prolong.data.preprocess import PreprocessConfig, preprocess
 from megatron_prolong.data.readers import BadRecordError
 from megatron_prolong.data.tokenizer import build_tokenizer
+from tool_modules import load_tool
 
 TOK = build_tokenizer("byte")
 EOD = TOK.eos_id
@@ -130,13 +131,7 @@ def test_sft_preprocess_writes_assistant_mask(tmp_path):
 
 
 def test_cli_main_and_error_exit(tmp_path, capsys):
-    import importlib.util
-
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools",
-                        "preprocess_data.py")
-    spec = importlib.util.spec_from_file_location("preprocess_data_cli", path)
-    cli = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cli)
+    cli = load_tool("preprocess_data")
     f = write_jsonl(str(tmp_path / "i.jsonl"), [{"t": "hello"}], raw_lines=["{bad"])
     out = str(tmp_path / "o")
     assert cli.main(["--input", f, "--output-prefix", out, "--tokenizer", "byte",

@@ -12,6 +12,7 @@ import pytest
 
 from megatron_prolong.data.indexed import DocumentStore
 from megatron_prolong.data.tokenizer import build_tokenizer
+from tool_modules import load_tool
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOK = build_tokenizer("byte")
@@ -19,16 +20,7 @@ COUNTED = ("files", "records_read", "docs_kept", "tokens_kept", "dropped", "leng
            "groups", "tokenize_tokens")
 
 
-def _tool(name):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, "tools", name + ".py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-PREPROCESS, MERGE = _tool("preprocess_data"), _tool("merge_datasets")
+PREPROCESS, MERGE = load_tool("preprocess_data"), load_tool("merge_datasets")
 
 
 def _write(path, records, raw=()):

@@ -9,18 +9,14 @@ import zipfile
 
 import pytest
 
-from test_bench_hf_peer import TOOLS, load_tool
+from test_bench_hf_peer import TOOLS
+from tool_modules import load_tool
 
 KIT = os.path.join(TOOLS, "gpu_kit")
 
 
 def _kit_module(name):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(name, os.path.join(KIT, f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_tool(name, os.path.join("tools", "gpu_kit"))
 
 
 def _wheel(folder, name, version, requires=(), pad=0):

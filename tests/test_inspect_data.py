@@ -1,5 +1,4 @@
 """tools/inspect_data.py on the demo recipe, checked against the training loader itself."""
-import importlib.util
 import json
 import os
 
@@ -10,17 +9,14 @@ from megatron_prolong.data.heldout import heldout_documents
 from megatron_prolong.data.indexed import DocumentStore
 from megatron_prolong.data.streams import effective_min_doc_length
 from megatron_prolong.training.data_source import build_data_source
+from tool_modules import load_tool
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RECIPE = os.path.join(REPO, "examples", "demo_cpu.yaml")
 
 
 def _tool():
-    spec = importlib.util.spec_from_file_location(
-        "inspect_data_cli", os.path.join(REPO, "tools", "inspect_data.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_tool("inspect_data")
 
 
 def test_inspect_demo_recipe_matches_the_loader(tmp_path, capsys):
