@@ -13,7 +13,6 @@ from functools import partial
 from typing import Callable, Iterator, Optional
 
 import torch
-import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 from megatron.core.distributed import finalize_model_grads
@@ -23,6 +22,7 @@ from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_prolong.config import Layout, RunConfig
+from megatron_prolong.evaluation.forward import sum_over_replicas
 from megatron_prolong.model.context_parallel import (batch_for_this_cp_rank, packed_seq_params,
                                                      pad_microbatches)
 from megatron_prolong.model.llama import build_llama, use_transformer_engine
@@ -147,16 +147,12 @@ def _global_loss(reports: list[dict], device, num_domains: int = 0) -> torch.Ten
     """[loss sum, token count, per-domain sums..., per-domain counts...] over the global
     batch, the same on every rank."""
     totals = torch.zeros(2 + 2 * num_domains, dtype=torch.float64, device=device)
-    if parallel_state.is_pipeline_last_stage():
+    if parallel_state.is_pipeline_last_stage():  # the stage that holds the loss
         for report in reports:
             totals[:2] += report["lm loss"].to(totals)
             if num_domains:
                 totals[2:] += report["domain loss"].to(totals)
-        dist.all_reduce(totals, group=parallel_state.get_data_parallel_group(with_context_parallel=True))
-    # The last pipeline stage holds the loss; broadcast it along the pipeline.
-    last = parallel_state.get_pipeline_model_parallel_last_rank()
-    dist.broadcast(totals, src=last, group=parallel_state.get_pipeline_model_parallel_group())
-    return totals
+    return sum_over_replicas(totals)
 
 
 def optimizer_step(optimizer) -> tuple[bool, float]:
