@@ -6,6 +6,8 @@ import os
 import stat
 import subprocess
 
+import pytest
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(REPO, "slurm", "preprocess.sh")
 
@@ -88,3 +90,28 @@ def test_submit_makes_an_array_job_and_a_dependent_merge(tmp_path):
     assert "--dependency=afterok:4001" in merge_cmd
     assert merge_cmd.endswith("slurm/preprocess.sh merge 16 data/code")
     assert "job 4001" in r.stdout and "job 4002" in r.stdout
+
+
+@pytest.mark.slow
+def test_submit_under_slurm_runs_the_array_then_the_merge(slurm_cluster, tmp_path):
+    """`submit` under a real Slurm (scripts/slurm_local.sh): the array tasks and the dependent
+    merge job run by themselves and leave the dataset one process writes, byte for byte."""
+    import re
+
+    _corpus(tmp_path)
+    args = ["--input", str(tmp_path / "in*.jsonl"), "--tokenizer", "byte", "--quiet"]
+    prefix = str(tmp_path / "out")
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    sbatch_args = f"--partition=cpu --cpus-per-task=1 --mem=1G --output={logs}/%x-%j.out"
+    r = _bash(["submit", "3", prefix, *args], {**slurm_cluster.env, "SBATCH_ARGS": sbatch_args})
+    assert r.returncode == 0, r.stderr
+    merge_job = int(re.search(r"merge: job (\d+) after all succeed", r.stdout).group(1))
+    merged = slurm_cluster.wait_done(merge_job, timeout=300)
+    assert merged["JobState"] == "COMPLETED", slurm_cluster.log(merge_job)
+    single = subprocess.run(["python", "tools/preprocess_data.py", *args, "--output-prefix",
+                             str(tmp_path / "single")], cwd=REPO, capture_output=True, text=True,
+                            env={**os.environ, "PYTHONPATH": REPO})
+    assert single.returncode == 0, single.stderr
+    for ext in (".bin", ".idx"):
+        assert _bytes(prefix, ext) == _bytes(str(tmp_path / "single"), ext)
