@@ -17,7 +17,7 @@ from megatron_prolong.data.mds_import import import_mds, mixture_min_lengths
 from megatron_prolong.data.retokenize import Retokenizer, RetokenizeError, segments
 from megatron_prolong.data.tokenizer import build_tokenizer
 from test_data_helpers import llama3_files
-from test_data_mds import COLUMNS_64K, COLUMNS_SFT, load_tool, write_stream
+from test_data_mds import COLUMNS_64K, COLUMNS_SFT, load_import_tool, write_stream
 
 TEXTS = [
     "The quick brown fox jumps over the lazy dog.\n\nA second paragraph, with  two spaces.",
@@ -164,7 +164,7 @@ def test_same_tokenizer_gives_the_same_ids(llama3, release, tmp_path):
 
 def test_special_without_counterpart_refused_in_one_line(llama3, release, targets, tmp_path, capsys):
     root, _, _ = release
-    rc = load_tool().main(["--input", str(root / "prolong-ultrachat-64K"), "--output-dir",
+    rc = load_import_tool().main(["--input", str(root / "prolong-ultrachat-64K"), "--output-dir",
                            str(tmp_path / "sft"), "--source-tokenizer-path", llama3[0],
                            "--tokenizer", "sentencepiece", "--tokenizer-path", targets["sentencepiece"]])
     err = capsys.readouterr().err
@@ -193,7 +193,7 @@ def test_documents_under_the_minimum_after_retokenizing_are_counted(llama3, rele
         {"name": "books", "paths": ["${PROLONG_DATA}/book-65536"], "proportion": 1.0,
          "mode": "long", "min_doc_length": minimum}]}))
     assert mixture_min_lengths(str(mixture)) == {"book-65536": minimum}
-    rc = load_tool().main(["--input", str(root / "data"), "--output-dir", str(tmp_path / "out"),
+    rc = load_import_tool().main(["--input", str(root / "data"), "--output-dir", str(tmp_path / "out"),
                            "--source-tokenizer-path", llama3[0], "--tokenizer", "byte",
                            "--mixture", str(mixture), "--workers", "2"])
     out = capsys.readouterr().out
