@@ -164,7 +164,7 @@ def evaluate_hf(args) -> int:
 def validation_rows(cfg, rank: int, layout=None):
     """The run's held-out rows (what its training-time evaluation scores) and their settings."""
     from megatron_prolong.config import Layout
-    from megatron_prolong.evaluation.validation import ValidationSettings, default_buckets
+    from megatron_prolong.evaluation.validation import ValidationSettings
     from megatron_prolong.training.data_source import build_data_source, build_validation_samples
 
     layout = layout or Layout(1, 1, 1, 1, 1, 1)
@@ -173,11 +173,7 @@ def validation_rows(cfg, rank: int, layout=None):
     if not samples:
         raise ValueError("the run holds nothing out: set evaluation.heldout_docs (or "
                          "heldout_fraction / validation_mixture) in its config")
-    e, seq = cfg.evaluation, cfg.training.seq_length
-    settings = ValidationSettings(seq, list(dict.fromkeys(s.domain for s in samples)),
-                                  e.position_buckets or default_buckets(seq),
-                                  e.long_document_tokens)
-    return samples, settings
+    return samples, ValidationSettings.for_run(cfg, samples)
 
 
 # ---------------------------------------------------------------------------------------------
