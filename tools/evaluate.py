@@ -198,7 +198,7 @@ def evaluate_megatron(args) -> int:
     from megatron_prolong.convert.mcore_to_hf import find_model_config
     from megatron_prolong.data.tokenizer import build_tokenizer, check_tokenizer_matches_model
     from megatron_prolong.evaluation.session import evaluate
-    from megatron_prolong.training.checkpoint import load_weights_only
+    from megatron_prolong.training.checkpoint import load_weights_only, step_dir_name
     from megatron_prolong.training.data_source import run_tokenizer
     from megatron_prolong.training.parallel import (destroy_model_parallel, init_distributed,
                                                     init_model_parallel)
@@ -237,7 +237,7 @@ def evaluate_megatron(args) -> int:
                                       progress=Progress(label, runtime.rank == 0))
             history.append(record)
             if runtime.rank == 0:
-                file_name = (f"step_{step:08d}" if args.all_steps and step is not None
+                file_name = (step_dir_name(step) if args.all_steps and step is not None
                              else "results")
                 finish(args, file_name, record, recall, out, history, title=cfg.name)
         if runtime.rank == 0:
