@@ -99,7 +99,8 @@ def recall_settings(args, cfg) -> dict:
                 seed=args.seed if args.seed is not None else (e.recall_seed if e else 0))
 
 
-def make_examples(args, cfg, tokenizer):
+def make_examples(args, cfg, tokenizer, rank: int = 0):
+    """Every rank generates (or reads) the same examples; rank 0 alone writes --save-examples."""
     from megatron_prolong.evaluation.tasks import generate_examples, load_examples, save_examples
 
     if args.examples_file:
@@ -108,7 +109,7 @@ def make_examples(args, cfg, tokenizer):
         s = recall_settings(args, cfg)
         examples = generate_examples(s["tasks"], tokenizer, s["lengths"], s["depths"],
                                      s["examples"], s["seed"], s["template"])
-    if args.save_examples:
+    if args.save_examples and rank == 0:
         save_examples(examples, args.save_examples)
     return examples
 
@@ -220,7 +221,7 @@ def evaluate_megatron(args) -> int:
             check_tokenizer_matches_model(tokenizer, cfg.model.vocab_size)
         else:
             tokenizer = run_tokenizer(cfg)
-        examples = make_examples(args, cfg, tokenizer)
+        examples = make_examples(args, cfg, tokenizer, runtime.rank)
         samples, settings = (validation_rows(cfg, runtime.rank, layout) if args.validation
                              else ([], None))
         chunks = build_model_chunks(cfg, runtime, wrap_ddp=False)
