@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from megatron_prolong.config import load_config
-from test_bench_hf_peer import TOOLS, peer_hidden_packed_vs_alone
-from tool_modules import load_tool
+from test_bench_hf_peer import peer_hidden_packed_vs_alone
+from tool_modules import TOOLS, load_tool
 
 pytestmark = pytest.mark.gpu
 KERNELS = ["flash", "varlen", "flex", "sdpa"]

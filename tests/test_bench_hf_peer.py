@@ -1,16 +1,10 @@
 """The HF transformers peer (tools/bench_hf_peer.py): its document masking, its chunked loss
 and its choice of attention, on CPU with a tiny Llama (the GPU kit runs it at 64K)."""
-import os
-
 import pytest
 import torch
 
 from megatron_prolong.config import load_config
 from tool_modules import load_tool
-
-TOOLS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools")
-
-
 
 
 @pytest.fixture(scope="module")

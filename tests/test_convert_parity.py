@@ -88,7 +88,7 @@ def tiny_tokenizer(directory: str) -> None:
 # Megatron side (runs on every rank of the spawned job)
 # ---------------------------------------------------------------------------------------------
 def _logits_step(data_iterator, model):
-    from megatron_prolong.training.step import packed_seq_params
+    from megatron_prolong.model.context_parallel import packed_seq_params
 
     batch = next(data_iterator)
     tokens = batch["tokens"]

@@ -5,8 +5,8 @@ import torch
 
 from megatron_prolong.config import load_config
 from megatron_prolong.model.attention import varlen_causal_attention
+from megatron_prolong.model.context_parallel import packed_seq_params
 from megatron_prolong.model.llama import build_llama
-from megatron_prolong.training.step import packed_seq_params
 
 DOC_LENGTHS = [37, 90, 1, 64, 128]
 

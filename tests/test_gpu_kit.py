@@ -9,8 +9,7 @@ import zipfile
 
 import pytest
 
-from test_bench_hf_peer import TOOLS
-from tool_modules import load_tool
+from tool_modules import TOOLS, load_tool
 
 KIT = os.path.join(TOOLS, "gpu_kit")
 

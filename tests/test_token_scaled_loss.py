@@ -3,7 +3,8 @@ global batch) / (their count), not a mean of per-micro-batch means."""
 import torch
 
 from megatron_prolong.config import Layout, load_config
-from megatron_prolong.training.step import packed_seq_params, setup_training, train_step
+from megatron_prolong.model.context_parallel import packed_seq_params
+from megatron_prolong.training.step import setup_training, train_step
 from megatron_prolong.training.weights import unwrap
 from parallel_cases import synthetic_packed_rows
 

@@ -6,6 +6,7 @@ import importlib.util
 import os
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TOOLS = os.path.join(REPO, "tools")
 
 
 def load_tool(name: str, folder: str = "tools"):

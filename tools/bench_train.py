@@ -10,7 +10,8 @@ It runs the project's own training loop (megatron_prolong.training.loop.train, t
 `python -m megatron_prolong.train` runs) in this process on a fresh temporary run directory,
 takes every optimizer step's time as the loop measures it, and reports medians over the steps
 after `--warmup` (compilation and allocator growth happen there). It stops after the last step
-without the final checkpoint: the 64K recipe's weights and optimizer state are ~50 GB.
+without the final checkpoint (the 64K recipe's weights and optimizer state are ~50 GB), and it
+never evaluates (evaluation.interval=0).
 MFU counts model FLOPs with attention inside documents only (training/metrics.py), against
 logging.peak_tflops or the GPU's dense bf16 peak. One process (one GPU) is what it measures.
 Exit status: 0 measured, 2 configuration error.
@@ -65,10 +66,11 @@ def run(ns: argparse.Namespace, run_dir: str) -> dict:
     if problem:
         raise ValueError(problem)
     # One log line at the end only: the metrics logger resets the CUDA peak-memory counter at
-    # every line, and the peak is read here after each step.
+    # every line, and the peak is read here after each step. No evaluation: it is not training
+    # work, and its records in metrics.jsonl carry no step time.
     cfg = load_config(ns.recipe, ns.overrides + [
         f"run_dir={run_dir}", "checkpoint.load=null", "logging.tensorboard=false",
-        f"logging.log_interval={total}"])
+        f"logging.log_interval={total}", "evaluation.interval=0"])
     runtime = init_distributed(cfg.training.device)
     layout = validate(cfg, runtime.world_size)
     init_model_parallel(layout, cfg.training.seed)

@@ -99,7 +99,8 @@ def recall_settings(args, cfg) -> dict:
                 seed=args.seed if args.seed is not None else (e.recall_seed if e else 0))
 
 
-def make_examples(args, cfg, tokenizer):
+def make_examples(args, cfg, tokenizer, rank: int = 0):
+    """Every rank generates (or reads) the same examples; rank 0 alone writes --save-examples."""
     from megatron_prolong.evaluation.tasks import generate_examples, load_examples, save_examples
 
     if args.examples_file:
@@ -108,7 +109,7 @@ def make_examples(args, cfg, tokenizer):
         s = recall_settings(args, cfg)
         examples = generate_examples(s["tasks"], tokenizer, s["lengths"], s["depths"],
                                      s["examples"], s["seed"], s["template"])
-    if args.save_examples:
+    if args.save_examples and rank == 0:
         save_examples(examples, args.save_examples)
     return examples
 
@@ -164,7 +165,7 @@ def evaluate_hf(args) -> int:
 def validation_rows(cfg, rank: int, layout=None):
     """The run's held-out rows (what its training-time evaluation scores) and their settings."""
     from megatron_prolong.config import Layout
-    from megatron_prolong.evaluation.validation import ValidationSettings, default_buckets
+    from megatron_prolong.evaluation.validation import ValidationSettings
     from megatron_prolong.training.data_source import build_data_source, build_validation_samples
 
     layout = layout or Layout(1, 1, 1, 1, 1, 1)
@@ -173,11 +174,7 @@ def validation_rows(cfg, rank: int, layout=None):
     if not samples:
         raise ValueError("the run holds nothing out: set evaluation.heldout_docs (or "
                          "heldout_fraction / validation_mixture) in its config")
-    e, seq = cfg.evaluation, cfg.training.seq_length
-    settings = ValidationSettings(seq, list(dict.fromkeys(s.domain for s in samples)),
-                                  e.position_buckets or default_buckets(seq),
-                                  e.long_document_tokens)
-    return samples, settings
+    return samples, ValidationSettings.for_run(cfg, samples)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -202,7 +199,7 @@ def evaluate_megatron(args) -> int:
     from megatron_prolong.convert.mcore_to_hf import find_model_config
     from megatron_prolong.data.tokenizer import build_tokenizer, check_tokenizer_matches_model
     from megatron_prolong.evaluation.session import evaluate
-    from megatron_prolong.training.checkpoint import load_weights_only
+    from megatron_prolong.training.checkpoint import load_weights_only, step_dir_name
     from megatron_prolong.training.data_source import run_tokenizer
     from megatron_prolong.training.parallel import (destroy_model_parallel, init_distributed,
                                                     init_model_parallel)
@@ -224,7 +221,7 @@ def evaluate_megatron(args) -> int:
             check_tokenizer_matches_model(tokenizer, cfg.model.vocab_size)
         else:
             tokenizer = run_tokenizer(cfg)
-        examples = make_examples(args, cfg, tokenizer)
+        examples = make_examples(args, cfg, tokenizer, runtime.rank)
         samples, settings = (validation_rows(cfg, runtime.rank, layout) if args.validation
                              else ([], None))
         chunks = build_model_chunks(cfg, runtime, wrap_ddp=False)
@@ -241,7 +238,7 @@ def evaluate_megatron(args) -> int:
                                       progress=Progress(label, runtime.rank == 0))
             history.append(record)
             if runtime.rank == 0:
-                file_name = (f"step_{step:08d}" if args.all_steps and step is not None
+                file_name = (step_dir_name(step) if args.all_steps and step is not None
                              else "results")
                 finish(args, file_name, record, recall, out, history, title=cfg.name)
         if runtime.rank == 0:

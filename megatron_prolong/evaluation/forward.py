@@ -20,17 +20,10 @@ from typing import Callable, Iterator, Optional
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
+from megatron.core.utils import unwrap_model
 
 from megatron_prolong.evaluation.scoring import answer_token_scores
-from megatron_prolong.model.context_parallel import (batch_for_this_cp_rank, packed_seq_params,
-                                                     pad_microbatches)
-
-
-def _inner(module):
-    """The GPTModel inside a DDP (or other) wrapper."""
-    while hasattr(module, "module"):
-        module = module.module
-    return module
+from megatron_prolong.model.context_parallel import forward_packed_row, pad_microbatches
 
 
 def _answer_report(batch: dict, hidden: torch.Tensor, gpt) -> torch.Tensor:
@@ -73,10 +66,8 @@ def _eval_loss(batch: dict, captured: list, gpt, output: torch.Tensor):
 
 
 def eval_forward_step(data_iterator: Iterator[dict], model):
-    batch = batch_for_this_cp_rank(next(data_iterator), model.config)
-    device = next(model.parameters()).device
-    batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-    gpt = _inner(model)
+    batch = next(data_iterator)
+    gpt = unwrap_model(model)
     captured: list = []
     hook = None
     if "answer_mask" in batch and gpt.post_process:
@@ -85,8 +76,7 @@ def eval_forward_step(data_iterator: Iterator[dict], model):
 
         hook = gpt.decoder.register_forward_hook(keep)
     try:
-        output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"],
-                       packed_seq_params=packed_seq_params(batch, device))
+        batch, output = forward_packed_row(model, batch)
     finally:
         if hook is not None:
             hook.remove()

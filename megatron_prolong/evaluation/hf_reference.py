@@ -51,8 +51,7 @@ def hf_score_examples(model, examples: list[Example],
 
 def hf_validation(model, samples, settings: ValidationSettings,
                   chunk: int = 4096) -> ValidationResult:
-    width = len(settings.domains) + len(settings.boundaries) + 2
-    sums = torch.zeros(2, width, dtype=torch.float64)
+    sums = torch.zeros(2, settings.columns, dtype=torch.float64)
     for sample in samples:
         batch = validation_batch(sample, settings)
         loss = torch.zeros(sample.seq_length, dtype=torch.float32)

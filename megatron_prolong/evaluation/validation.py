@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from megatron.core import parallel_state
 
+from megatron_prolong.config import RunConfig
 from megatron_prolong.data.packing import PackedSample, collate_packed
 from megatron_prolong.evaluation.forward import forward_only, sum_over_replicas
 
@@ -58,6 +59,18 @@ class ValidationSettings:
     @property
     def labels(self) -> list[str]:
         return bucket_labels(self.boundaries, self.seq_length)
+
+    @property
+    def columns(self) -> int:
+        """Width of the loss sums: domains, position buckets, tokens outside every bucket."""
+        return len(self.domains) + len(self.boundaries) + 2
+
+    @classmethod
+    def for_run(cls, cfg: RunConfig, samples: list[PackedSample]) -> "ValidationSettings":
+        """The run's `evaluation` settings over the domains of its held-out rows."""
+        e, seq = cfg.evaluation, cfg.training.seq_length
+        return cls(seq, list(dict.fromkeys(s.domain for s in samples)),
+                   e.position_buckets or default_buckets(seq), e.long_document_tokens)
 
 
 def validation_batch(sample: PackedSample, settings: ValidationSettings) -> dict:
@@ -117,8 +130,7 @@ def run_validation(model: list, forward_backward: Callable, samples: list[Packed
                 parallel_state.get_data_parallel_rank())
     batches = [validation_batch(s, settings) for s in samples[rank::dp]]
     reports = forward_only(model, forward_backward, batches)
-    width = len(settings.domains) + len(settings.boundaries) + 2
-    local = torch.zeros(2, width, dtype=torch.float64)
+    local = torch.zeros(2, settings.columns, dtype=torch.float64)
     for report in reports:
         local += report["validation"].cpu()
     device = next(model[0].parameters()).device

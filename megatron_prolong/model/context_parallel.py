@@ -182,6 +182,21 @@ def batch_for_this_cp_rank(batch: dict, config) -> dict:
     return split_batch_for_cp_rank(batch, cp, rank, multiple)
 
 
+def forward_packed_row(model, batch: dict) -> tuple[dict, torch.Tensor]:
+    """One packed micro-batch through `model` (a GPTModel chunk, or a wrapper of one) with its
+    labels, as megatron's schedules call a forward step (training and evaluation alike).
+
+    Returns (this CP rank's share of the row with every tensor on the model's device, the
+    model's output: per-token losses on the last pipeline stage, activations elsewhere).
+    """
+    batch = batch_for_this_cp_rank(batch, model.config)
+    device = next(model.parameters()).device
+    batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"],
+                   packed_seq_params=packed_seq_params(batch, device))
+    return batch, output
+
+
 # ---------------------------------------------------------------------------------------------
 # Ulysses exchange (project attention path)
 # ---------------------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ from megatron_prolong.config import ConfigError, RunConfig
 from megatron_prolong.evaluation.report import eval_line, eval_scalars, recall_table
 from megatron_prolong.evaluation.session import evaluate, read_history, write_results
 from megatron_prolong.evaluation.tasks import generate_examples
-from megatron_prolong.evaluation.validation import ValidationSettings, default_buckets
+from megatron_prolong.evaluation.validation import ValidationSettings
 from megatron_prolong.training.agreement import on_all_ranks
 from megatron_prolong.training.checkpoint import step_dir_name
 
@@ -41,9 +41,7 @@ class PeriodicEvaluation:
 
         e, seq = self.cfg.evaluation, self.cfg.training.seq_length
         samples = build_validation_samples(self.cfg, self.data_cfg)
-        settings = ValidationSettings(seq, list(dict.fromkeys(s.domain for s in samples)),
-                                      e.position_buckets or default_buckets(seq),
-                                      e.long_document_tokens)
+        settings = ValidationSettings.for_run(self.cfg, samples)
         examples = []
         if e.recall_tasks:
             lengths = e.recall_lengths or [seq]

@@ -23,8 +23,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_prolong.config import Layout, RunConfig
 from megatron_prolong.evaluation.forward import sum_over_replicas
-from megatron_prolong.model.context_parallel import (batch_for_this_cp_rank, packed_seq_params,
-                                                     pad_microbatches)
+from megatron_prolong.model.context_parallel import forward_packed_row, pad_microbatches
 from megatron_prolong.model.llama import build_llama, use_transformer_engine
 from megatron_prolong.training.parallel import Runtime
 
@@ -52,22 +51,10 @@ def masked_token_loss(loss_mask: torch.Tensor, per_token_loss: torch.Tensor,
 
 def forward_step(data_iterator: Iterator[dict], model):
     # Context parallelism: this CP rank's load-balanced share; cu_seqlens stay global.
-    batch = batch_for_this_cp_rank(next(data_iterator), model.config)
-    device = next(model.parameters()).device
-    tokens = batch["tokens"].to(device)
-    position_ids = batch["position_ids"].to(device)
-    output = model(
-        tokens,
-        position_ids,
-        None,
-        labels=batch["labels"].to(device),
-        packed_seq_params=packed_seq_params(batch, device),
-    )
-    domain_ids = batch.get("domain_ids")
-    if domain_ids is not None:
-        domain_ids = domain_ids.to(device)
-    return output, partial(masked_token_loss, batch["loss_mask"].to(device),
-                           domain_ids=domain_ids, num_domains=int(batch.get("num_domains", 0)))
+    batch, output = forward_packed_row(model, next(data_iterator))
+    return output, partial(masked_token_loss, batch["loss_mask"],
+                           domain_ids=batch.get("domain_ids"),
+                           num_domains=int(batch.get("num_domains", 0)))
 
 
 def to_mcore_optimizer_config(cfg: RunConfig, on_cpu: bool) -> McoreOptimizerConfig:
