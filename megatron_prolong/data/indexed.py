@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import struct
-import warnings
 from typing import Optional, Sequence
 
 import numpy as np
@@ -222,11 +221,10 @@ def _check_pair(prefix: str) -> None:
 
 
 def _megatron_indexed_dataset():
-    """megatron-core's reader, imported on first use (it pulls in torch)."""
-    with warnings.catch_warnings():
-        # megatron.core's package import warns about absent TE/apex, irrelevant to data files.
-        warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex")
-        from megatron.core.datasets.indexed_dataset import IndexedDataset
+    """megatron-core's reader, imported on first use (it pulls in torch; its TE/apex import
+    warnings are filtered by the package, expected_warnings.py)."""
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
     return IndexedDataset
 
 
