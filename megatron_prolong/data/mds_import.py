@@ -26,6 +26,7 @@ from typing import Callable, Optional
 import numpy as np
 import yaml
 
+from .indexed import IndexedWriter
 from .mds import MDSFormatError, Shard, find_streams, iter_shard, read_index
 
 MAX_REPORTED_DOMAIN_VALUES = 8
@@ -181,7 +182,7 @@ def stream_names(input_dir: str, name: Optional[str]) -> list[tuple[str, str]]:
 @contextlib.contextmanager
 def _shard_mapper(workers: int):
     """map(fn, shards) in order: in this process, or over one pool of spawned workers for the
-    whole import (workers import only this module and mds.py, not megatron-core)."""
+    whole import (workers import this module, mds.py and the numpy writer, not megatron-core)."""
     if workers <= 1:
         yield map
         return
@@ -211,8 +212,6 @@ def import_mds(input_dir: str, output_dir: str, *, name: Optional[str] = None,
     """Import every stream under input_dir; returns the stats per output name. `convert`
     (default: verbatim) turns a checked sample into the document written; `min_lengths`
     {output name: minimum document length} counts the documents a `long` domain would drop."""
-    from .indexed import IndexedWriter  # megatron-core: here, not in the shard workers
-
     cols = cols or Columns()
     job = _ShardJob(cols, vocab_size, convert or Verbatim(append_eod), allow_pickle)
     streams = stream_names(input_dir, name)
