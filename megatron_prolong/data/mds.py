@@ -254,11 +254,3 @@ def iter_shard(shard: Shard, allow_pickle: bool = False) -> Iterator[tuple[int, 
             pos += size
         yield k, sample
 
-
-def iter_stream(stream: str, allow_pickle: bool = False) -> Iterator[tuple[Shard, int, dict]]:
-    """(shard, sample index, sample) for one stream directory, in index order; the whole index
-    is checked (formats, columns, files present and complete) before the first sample."""
-    shards = read_index(stream)
-    for shard in shards:
-        for k, sample in iter_shard(shard, allow_pickle):
-            yield shard, k, sample
