@@ -324,7 +324,8 @@ def preprocess(cfg: PreprocessConfig) -> dict:
     bos = np.asarray([tok.bos_id] if cfg.prepend_bos else [], dtype=np.int32)
     spill = (_GroupSpill(prefix + f".tmp-{os.getpid()}.groups", cfg.group_sort_key is not None)
              if cfg.group_key else None)
-    order: list[int] = []  # grouped shard: first input position of each kept document
+    # grouped shard: first input position of each kept document (the merge interleaves by it)
+    order = array("q") if spec is not None and cfg.group_key else None
 
     def emit(writer: IndexedWriter, ids: np.ndarray, mask: Optional[np.ndarray],
              position: int = 0) -> None:
@@ -333,7 +334,8 @@ def preprocess(cfg: PreprocessConfig) -> dict:
             return
         writer.add(ids, mask)
         stats.keep(len(ids))
-        order.append(position)
+        if order is not None:
+            order.append(position)
 
     try:
         with IndexedWriter(prefix, tok.vocab_size, with_mask=cfg.sft) as writer:
@@ -374,7 +376,7 @@ def preprocess(cfg: PreprocessConfig) -> dict:
                 raise ValueError(f"no document kept from {files} (dropped: "
                                  f"{dict(stats.dropped)}); check --text-key and "
                                  "--min-doc-length")
-        if spec is not None and cfg.group_key:
+        if order is not None:
             tmp = prefix + f".tmp-{os.getpid()}{shards.ORDER_SUFFIX}"
             np.save(tmp, np.asarray(order, dtype=np.int64))
             os.replace(tmp, prefix + shards.ORDER_SUFFIX)
