@@ -26,6 +26,7 @@ from typing import Callable, Optional
 import numpy as np
 import yaml
 
+from .config import effective_min_doc_length, load_mixture
 from .indexed import IndexedWriter
 from .mds import MDSFormatError, Shard, find_streams, iter_shard, read_index
 
@@ -253,15 +254,14 @@ def import_mds(input_dir: str, output_dir: str, *, name: Optional[str] = None,
 def mixture_min_lengths(path: str) -> dict:
     """{dataset name: minimum document length} for the `long` domains of a mixture YAML, the
     dataset name being the last component of each of the domain's paths (the importer's output
-    names); the minimum is the domain's min_doc_length, else the mixture's seq_length."""
-    from .config import load_mixture
-
+    names); the minimum is the domain's min_doc_length, else the mixture's seq_length (the
+    packer's rule, config.effective_min_doc_length)."""
     with open(path) as f:
         seq_length = (yaml.safe_load(f) or {}).get("seq_length")
     out = {}
-    for d in load_mixture(path):
-        minimum = d.min_doc_length or (seq_length if d.mode == "long" else None)
-        if d.mode == "long" and minimum:
+    for d in (d for d in load_mixture(path) if d.mode == "long"):
+        minimum = effective_min_doc_length(d.mode, d.min_doc_length, seq_length)
+        if minimum:
             out.update({p.rstrip("/").split("/")[-1]: int(minimum) for p in d.paths})
     return out
 
