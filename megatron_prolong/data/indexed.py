@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import struct
-from typing import Optional, Sequence
+from typing import Iterable, Optional, Sequence
 
 import numpy as np
 
@@ -165,10 +165,7 @@ class IndexedWriter:
         for b in (self._builder, self._mask_builder):
             if b is not None and not b.file.closed:
                 b.file.close()
-        for tmp, _ in self._tmp_files():
-            for path in (get_bin_path(tmp), get_idx_path(tmp)):
-                if os.path.exists(path):
-                    os.remove(path)
+        remove_pairs(tmp for tmp, _ in self._tmp_files())
 
     def __enter__(self) -> "IndexedWriter":
         return self
@@ -186,6 +183,14 @@ def publish(pairs: Sequence[tuple[str, str]]) -> None:
     for tmp, final in pairs:
         os.replace(get_bin_path(tmp), get_bin_path(final))
         os.replace(get_idx_path(tmp), get_idx_path(final))
+
+
+def remove_pairs(prefixes: Iterable[str]) -> None:
+    """Delete the .bin/.idx of each (temporary) prefix that exist: an unfinished output."""
+    for prefix in prefixes:
+        for path in (get_bin_path(prefix), get_idx_path(prefix)):
+            if os.path.exists(path):
+                os.remove(path)
 
 
 def _check_pair(prefix: str) -> tuple[np.dtype, np.ndarray, int]:
