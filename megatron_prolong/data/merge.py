@@ -161,7 +161,7 @@ def merge_datasets(inputs: Sequence[str], output_prefix: str, force: bool = Fals
     pairs = [(tmp, output_prefix)]
     try:
         _merge_files(parts, runs, tmp)
-        if all(has_mask) and has_mask:
+        if all(has_mask):  # inputs is not empty (checked above)
             _merge_files([_Part(p, MASK_SUFFIX) for p in inputs], runs, tmp + MASK_SUFFIX)
             pairs.append((tmp + MASK_SUFFIX, output_prefix + MASK_SUFFIX))
     except BaseException:
