@@ -284,11 +284,11 @@ def _write_mixture(output_dir: str, stats: dict) -> None:
     mixture = {"domains": [{"name": out, "paths": [os.path.join(output_dir, out)],
                             "proportion": round(v["tokens"] / total, 6)}
                            for out, v in sorted(stats.items())]}
-    for fname, write in (("mixture.yaml", lambda f: (
-            f.write("# Realised token shares of the imported data; edit proportions as needed.\n"),
-            yaml.safe_dump(mixture, f, sort_keys=False))),
-            ("import_stats.json", lambda f: json.dump(stats, f, indent=2))):
+    texts = {"mixture.yaml": "# Realised token shares of the imported data; edit proportions as "
+                             "needed.\n" + yaml.safe_dump(mixture, sort_keys=False),
+             "import_stats.json": json.dumps(stats, indent=2)}
+    for fname, text in texts.items():
         path = os.path.join(output_dir, fname)
         with open(path + ".tmp", "w") as f:
-            write(f)
+            f.write(text)
         os.replace(path + ".tmp", path)
