@@ -1,9 +1,7 @@
-import gzip
 import json
 import os
 
 import pytest
-import zstandard
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 
 from megatron_prolong.data.chat import render_chat
@@ -11,22 +9,11 @@ from megatron_prolong.data.indexed import DocumentStore
 from megatron_prolong.data.preprocess import PreprocessConfig, preprocess
 from megatron_prolong.data.readers import BadRecordError
 from megatron_prolong.data.tokenizer import build_tokenizer
+from test_data_helpers import write_jsonl
 from tool_modules import load_tool
 
 TOK = build_tokenizer("byte")
 EOD = TOK.eos_id
-
-
-def write_jsonl(path, records, raw_lines=()):
-    lines = [json.dumps(r) for r in records] + list(raw_lines)
-    data = ("\n".join(lines) + "\n").encode()
-    if path.endswith(".gz"):
-        data = gzip.compress(data)
-    elif path.endswith(".zst"):
-        data = zstandard.ZstdCompressor().compress(data)
-    with open(path, "wb") as f:
-        f.write(data)
-    return path
 
 
 def run(tmp_path, inputs, **kw):
