@@ -3,7 +3,9 @@
 Readers yield ``(source, line_number, payload)`` where payload is the raw JSON line as bytes
 (decoded and parsed later, in a worker, so invalid UTF-8 is reported with its file and line) or
 an already-decoded dict (parquet). Lines are split on b"\\n" as JSON Lines defines them. Memory
-stays bounded: nothing is read ahead beyond one line / one parquet record batch.
+stays bounded: nothing is read ahead beyond one line / one parquet record batch. A compressed
+file that is corrupt or cut short stops the run with one error naming it (BadRecordError, never
+skipped by --skip-bad-lines).
 
 Text is made encodable: a lone UTF-16 surrogate (JSON allows "\\ud83d" on its own, no tokenizer
 can encode it) becomes U+FFFD, which is what tiktoken (the llama3 tokenizer) does by itself; so
@@ -17,6 +19,7 @@ import io
 import json
 import os
 import re
+import zlib
 from typing import Any, Iterator, Union
 
 Payload = Union[bytes, str, dict]
@@ -67,10 +70,26 @@ def iter_records(paths: list[str]) -> Iterator[tuple[str, int, Payload]]:
                     line += 1
                     yield path, line, row
             continue
-        with _open_lines(path) as f:
-            for line_no, line in enumerate(f, 1):
-                if line.strip():
-                    yield path, line_no, line
+        line_no = 0
+        try:
+            with _open_lines(path) as f:
+                for line_no, line in enumerate(f, 1):
+                    if line.strip():
+                        yield path, line_no, line
+        except _read_errors(path) as e:
+            raise BadRecordError(f"{path}: unreadable after line {line_no} ({type(e).__name__}: "
+                                 f"{e}); the file is corrupt or cut short: fetch or compress it "
+                                 "again") from None
+
+
+def _read_errors(path: str) -> tuple:
+    """What reading an input raises when its (compressed) bytes are corrupt or cut short."""
+    errors: tuple = (gzip.BadGzipFile, EOFError, zlib.error)
+    if path.endswith((".zst", ".zstd")):
+        import zstandard
+
+        errors += (zstandard.ZstdError,)
+    return errors
 
 
 def parse_record(source: str, line_no: int, payload: Payload) -> dict[str, Any]:
