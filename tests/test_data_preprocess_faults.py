@@ -48,7 +48,8 @@ def test_invalid_utf8_names_file_and_line_and_is_skippable(tmp_path, name):
     assert stats["docs_kept"] == 3 and stats["dropped"] == {"bad_record": 1}
 
 
-@pytest.mark.parametrize("name", ["cut.jsonl.gz", "garbled.jsonl.gz", "garbled.jsonl.zst"])
+@pytest.mark.parametrize("name", ["cut.jsonl.gz", "garbled.jsonl.gz", "cut.jsonl.zst",
+                                  "garbled.jsonl.zst"])
 def test_corrupt_or_cut_compressed_input_is_one_line_and_not_skipped(tmp_path, name):
     data = b"".join(json.dumps({"text": f"record {i} " * 20}).encode() + b"\n"
                     for i in range(3000))
@@ -64,6 +65,20 @@ def test_corrupt_or_cut_compressed_input_is_one_line_and_not_skipped(tmp_path, n
     (line,) = r.stderr.strip().splitlines()
     assert line.startswith(f"error: {f}: unreadable after line ") and "corrupt or cut short" in line
     assert not os.path.exists(out + ".bin")
+
+
+def test_zstd_file_of_several_frames_is_read_whole(tmp_path):
+    """`cat a.zst b.zst` (or pzstd) gives several frames; every one is read."""
+    frames = [zstandard.ZstdCompressor().compress(json.dumps({"text": f"part {k}"}).encode()
+                                                  + b"\n") for k in range(3)]
+    f = str(tmp_path / "cat.jsonl.zst")
+    with open(f, "wb") as fh:
+        fh.write(b"".join(frames))
+    r = cli("--input", f, "--output-prefix", str(tmp_path / "o"), "--tokenizer", "byte")
+    assert r.returncode == 0, r.stderr
+    ds, tok = DocumentStore(str(tmp_path / "o")), build_tokenizer("byte")
+    assert [tok.decode(ds.tokens(i)[:-1].tolist()) for i in range(3)] == ["part 0", "part 1",
+                                                                          "part 2"]
 
 
 @pytest.mark.parametrize("kind", ["hf", "llama3", "byte"])

@@ -51,12 +51,54 @@ def _open_lines(path: str) -> io.BufferedIOBase:
     if path.endswith(".gz"):
         return gzip.open(path, "rb")
     if path.endswith((".zst", ".zstd")):
+        return io.BufferedReader(_ZstdFrames(path), buffer_size=1 << 20)
+    return open(path, "rb", buffering=1 << 20)
+
+
+class _ZstdFrames(io.RawIOBase):
+    """A .zst file decompressed frame after frame, 64 KB of it at a time. Unlike zstandard's
+    stream_reader, which ends quietly with the part it could decode, an input cut short inside
+    a frame raises."""
+
+    def __init__(self, path: str) -> None:
         import zstandard
 
-        raw = open(path, "rb")
-        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(raw, closefd=True),
-                                 buffer_size=1 << 20)
-    return open(path, "rb", buffering=1 << 20)
+        self._zstd = zstandard
+        self._dctx = zstandard.ZstdDecompressor()
+        self._file = open(path, "rb")
+        self._frame = None  # the decompressobj of the frame being read
+        self._out, self._pos = b"", 0
+
+    def readable(self) -> bool:
+        return True
+
+    def _decode(self, data: bytes) -> bytes:
+        out = []
+        while data:
+            if self._frame is None:
+                self._frame = self._dctx.decompressobj()
+            out.append(self._frame.decompress(data))
+            data = b""
+            if self._frame.eof:  # the next frame, if any, starts in what is left
+                data, self._frame = self._frame.unused_data, None
+        return b"".join(out)
+
+    def readinto(self, buffer) -> int:
+        while self._pos == len(self._out):
+            data = self._file.read(1 << 16)
+            if not data:
+                if self._frame is not None:
+                    raise self._zstd.ZstdError("the data ends inside a zstd frame (truncated)")
+                return 0
+            self._out, self._pos = self._decode(data), 0
+        n = min(len(buffer), len(self._out) - self._pos)
+        buffer[:n] = memoryview(self._out)[self._pos:self._pos + n]
+        self._pos += n
+        return n
+
+    def close(self) -> None:
+        self._file.close()
+        super().close()
 
 
 def iter_records(paths: list[str]) -> Iterator[tuple[str, int, Payload]]:
