@@ -127,3 +127,14 @@ def test_cli_main_and_error_exit(tmp_path, capsys):
     assert cli.main(["--input", f, "--output-prefix", out, "--tokenizer", "byte",
                      "--text-key", "t", "--quiet", "--skip-bad-lines", "--add-bos"]) == 0
     assert DocumentStore(out).tokens(0).tolist() == [256] + list(b"hello") + [257]
+
+
+def test_cli_paths_that_cannot_be_used_are_one_line(tmp_path, capsys):
+    cli = load_tool("preprocess_data")
+    f = write_jsonl(str(tmp_path / "i.jsonl"), [{"text": "hello"}])
+    (tmp_path / "a_file").write_text("")
+    for args in (["--input", f, "--output-prefix", str(tmp_path / "a_file" / "o")],
+                 ["--input-list", str(tmp_path), "--output-prefix", str(tmp_path / "o")]):
+        assert cli.main(args + ["--tokenizer", "byte", "--quiet"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and len(err.strip().splitlines()) == 1, err
