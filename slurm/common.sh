@@ -1,5 +1,6 @@
 #!/bin/bash
-# Shared launch logic for slurm/stage1.sh, stage2.sh and sft.sh (sourced, not run).
+# Shared launch logic for slurm/stage1.sh, stage2.sh and sft.sh (sourced, not run; preprocess.sh
+# sources it for prolong_python_env).
 # One srun task per GPU (or per CPU process with DEVICE=cpu); rank/world/rendezvous come from
 # Slurm (the first node of the allocation is the rendezvous host).
 #
@@ -26,13 +27,19 @@ GPU_KIND=${GPU_KIND:-h100}
 # Jobs that share a node must not share a rendezvous port.
 MASTER_PORT=${MASTER_PORT:-$((20000 + ${SLURM_JOB_ID:-9500} % 20000))}
 
-prolong_env() {
+# The job's Python: VENV activated, run from REPO_DIR with the repository on PYTHONPATH
+# (slurm/preprocess.sh needs only this).
+prolong_python_env() {
     if [[ -n ${VENV:-} ]]; then
         # shellcheck disable=SC1091
         source "${VENV}/bin/activate"
     fi
     cd "${REPO_DIR}"
     export PYTHONPATH="${REPO_DIR}${PYTHONPATH:+:${PYTHONPATH}}"
+}
+
+prolong_env() {
+    prolong_python_env
     export CUDA_DEVICE_MAX_CONNECTIONS=1   # TP/SP communication overlap ordering
     export NCCL_ASYNC_ERROR_HANDLING=1
     export TORCH_NCCL_ASYNC_ERROR_HANDLING=1

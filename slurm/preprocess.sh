@@ -30,6 +30,8 @@
 set -euo pipefail
 
 REPO_DIR=${REPO_DIR:-${SLURM_SUBMIT_DIR:-$(pwd)}}
+# shellcheck source=slurm/common.sh
+source "${REPO_DIR}/slurm/common.sh"
 
 usage() {
     echo "usage: bash slurm/preprocess.sh submit|shard N PREFIX [preprocess_data.py options]" >&2
@@ -43,15 +45,6 @@ NUM_SHARDS=$2
 PREFIX=$3
 shift 3
 [[ ${NUM_SHARDS} =~ ^[1-9][0-9]*$ ]] || { echo "error: N must be a positive integer, got '${NUM_SHARDS}'" >&2; exit 2; }
-
-prolong_env() {
-    if [[ -n ${VENV:-} ]]; then
-        # shellcheck disable=SC1091
-        source "${VENV}/bin/activate"
-    fi
-    cd "${REPO_DIR}"
-    export PYTHONPATH="${REPO_DIR}${PYTHONPATH:+:${PYTHONPATH}}"
-}
 
 case ${STEP} in
     submit)
@@ -74,13 +67,13 @@ case ${STEP} in
         ;;
     shard)
         : "${SLURM_ARRAY_TASK_ID:?shard runs as an array task (or set SLURM_ARRAY_TASK_ID)}"
-        prolong_env
+        prolong_python_env
         python tools/preprocess_data.py --workers "${WORKERS:-${SLURM_CPUS_PER_TASK:-1}}" \
             "$@" --output-prefix "${PREFIX}" --shard "${SLURM_ARRAY_TASK_ID}/${NUM_SHARDS}"
         ;;
     merge)
         [[ $# -eq 0 ]] || usage
-        prolong_env
+        prolong_python_env
         python tools/merge_datasets.py --shards-of "${PREFIX}" --num-shards "${NUM_SHARDS}"
         ;;
     *)

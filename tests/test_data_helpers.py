@@ -1,9 +1,12 @@
 """Shared helpers for the data tests (not a test module itself; imported by test_data_*)."""
+import gzip
+import json
 import os
 import sys
 import types
 
 import numpy as np
+import zstandard
 
 from megatron_prolong.data.indexed import IndexedWriter
 
@@ -38,3 +41,16 @@ def write_docs(prefix, docs, vocab_size=512, masks=None):
 
 def random_docs(rng, n, lo, hi, vocab=256):
     return [rng.integers(0, vocab, int(rng.integers(lo, hi + 1))) for _ in range(n)]
+
+
+def write_jsonl(path, records, raw_lines=()):
+    """JSON lines (records, then raw_lines as they are), gzip or zstd by the file's suffix."""
+    lines = [json.dumps(r) for r in records] + list(raw_lines)
+    data = ("\n".join(lines) + "\n").encode()
+    if path.endswith(".gz"):
+        data = gzip.compress(data)
+    elif path.endswith(".zst"):
+        data = zstandard.ZstdCompressor().compress(data)
+    with open(path, "wb") as f:
+        f.write(data)
+    return path

@@ -1,9 +1,7 @@
-import gzip
 import json
 import os
 
 import pytest
-import zstandard
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 
 from megatron_prolong.data.chat import render_chat
@@ -11,22 +9,11 @@ from megatron_prolong.data.indexed import DocumentStore
 from megatron_prolong.data.preprocess import PreprocessConfig, preprocess
 from megatron_prolong.data.readers import BadRecordError
 from megatron_prolong.data.tokenizer import build_tokenizer
+from test_data_helpers import write_jsonl
 from tool_modules import load_tool
 
 TOK = build_tokenizer("byte")
 EOD = TOK.eos_id
-
-
-def write_jsonl(path, records, raw_lines=()):
-    lines = [json.dumps(r) for r in records] + list(raw_lines)
-    data = ("\n".join(lines) + "\n").encode()
-    if path.endswith(".gz"):
-        data = gzip.compress(data)
-    elif path.endswith(".zst"):
-        data = zstandard.ZstdCompressor().compress(data)
-    with open(path, "wb") as f:
-        f.write(data)
-    return path
 
 
 def run(tmp_path, inputs, **kw):
@@ -140,3 +127,14 @@ def test_cli_main_and_error_exit(tmp_path, capsys):
     assert cli.main(["--input", f, "--output-prefix", out, "--tokenizer", "byte",
                      "--text-key", "t", "--quiet", "--skip-bad-lines", "--add-bos"]) == 0
     assert DocumentStore(out).tokens(0).tolist() == [256] + list(b"hello") + [257]
+
+
+def test_cli_paths_that_cannot_be_used_are_one_line(tmp_path, capsys):
+    cli = load_tool("preprocess_data")
+    f = write_jsonl(str(tmp_path / "i.jsonl"), [{"text": "hello"}])
+    (tmp_path / "a_file").write_text("")
+    for args in (["--input", f, "--output-prefix", str(tmp_path / "a_file" / "o")],
+                 ["--input-list", str(tmp_path), "--output-prefix", str(tmp_path / "o")]):
+        assert cli.main(args + ["--tokenizer", "byte", "--quiet"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and len(err.strip().splitlines()) == 1, err

@@ -1,5 +1,6 @@
 """Bad inputs to tools/preprocess_data.py, driven through the real command line (issue 12,
 items 8-11): each gets one line naming file and line, exit 2, or is handled as documented."""
+import gzip
 import json
 import os
 import subprocess
@@ -45,6 +46,39 @@ def test_invalid_utf8_names_file_and_line_and_is_skippable(tmp_path, name):
     assert r.returncode == 0, r.stderr
     stats = json.load(open(out + ".stats.json"))
     assert stats["docs_kept"] == 3 and stats["dropped"] == {"bad_record": 1}
+
+
+@pytest.mark.parametrize("name", ["cut.jsonl.gz", "garbled.jsonl.gz", "cut.jsonl.zst",
+                                  "garbled.jsonl.zst"])
+def test_corrupt_or_cut_compressed_input_is_one_line_and_not_skipped(tmp_path, name):
+    data = b"".join(json.dumps({"text": f"record {i} " * 20}).encode() + b"\n"
+                    for i in range(3000))
+    packed = (gzip.compress(data) if name.endswith(".gz")
+              else zstandard.ZstdCompressor().compress(data))
+    packed = packed[:len(packed) // 2] if name.startswith("cut") else b"garbage" + packed
+    f = str(tmp_path / name)
+    with open(f, "wb") as fh:
+        fh.write(packed)
+    out = str(tmp_path / "o")
+    r = cli("--input", f, "--output-prefix", out, "--tokenizer", "byte", "--skip-bad-lines")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    (line,) = r.stderr.strip().splitlines()
+    assert line.startswith(f"error: {f}: unreadable after line ") and "corrupt or cut short" in line
+    assert not os.path.exists(out + ".bin")
+
+
+def test_zstd_file_of_several_frames_is_read_whole(tmp_path):
+    """`cat a.zst b.zst` (or pzstd) gives several frames; every one is read."""
+    frames = [zstandard.ZstdCompressor().compress(json.dumps({"text": f"part {k}"}).encode()
+                                                  + b"\n") for k in range(3)]
+    f = str(tmp_path / "cat.jsonl.zst")
+    with open(f, "wb") as fh:
+        fh.write(b"".join(frames))
+    r = cli("--input", f, "--output-prefix", str(tmp_path / "o"), "--tokenizer", "byte")
+    assert r.returncode == 0, r.stderr
+    ds, tok = DocumentStore(str(tmp_path / "o")), build_tokenizer("byte")
+    assert [tok.decode(ds.tokens(i)[:-1].tolist()) for i in range(3)] == ["part 0", "part 1",
+                                                                          "part 2"]
 
 
 @pytest.mark.parametrize("kind", ["hf", "llama3", "byte"])

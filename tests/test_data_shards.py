@@ -1,5 +1,4 @@
 """Sharded preprocessing + merge: byte-identical to one process, groups never split, resumable."""
-import gzip
 import json
 import os
 import signal
@@ -12,6 +11,7 @@ import pytest
 
 from megatron_prolong.data.indexed import DocumentStore
 from megatron_prolong.data.tokenizer import build_tokenizer
+from test_data_helpers import write_jsonl
 from tool_modules import load_tool
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -21,13 +21,6 @@ COUNTED = ("files", "records_read", "docs_kept", "tokens_kept", "dropped", "leng
 
 
 PREPROCESS, MERGE = load_tool("preprocess_data"), load_tool("merge_datasets")
-
-
-def _write(path, records, raw=()):
-    data = ("\n".join([json.dumps(r) for r in records] + list(raw)) + "\n").encode()
-    with open(path, "wb") as f:
-        f.write(gzip.compress(data) if path.endswith(".gz") else data)
-    return path
 
 
 def _bytes(prefix, ext):
@@ -55,8 +48,8 @@ def _corpus(tmp_path, n_files=5):
         recs = [{"text": "doc %d.%d " % (k, i) * int(rng.integers(1, 40))}
                 for i in range(int(rng.integers(5, 60)))]
         recs.append({"text": "  "})
-        files.append(_write(str(tmp_path / f"part{k}.jsonl") + (".gz" if k == 1 else ""), recs,
-                            raw=['{"text": broken'] if k == 3 else ()))
+        files.append(write_jsonl(str(tmp_path / f"part{k}.jsonl") + (".gz" if k == 1 else ""),
+                                 recs, raw_lines=['{"text": broken'] if k == 3 else ()))
     return files
 
 
@@ -76,7 +69,7 @@ def test_merged_shards_equal_one_process_bytes(tmp_path):
 def test_sft_shards_merge_loss_masks(tmp_path):
     conv = [{"messages": [{"role": "user", "content": f"question {i}?" * (i % 5 + 1)},
                           {"role": "assistant", "content": f"answer {i}."}]} for i in range(30)]
-    files = [_write(str(tmp_path / f"c{k}.jsonl"), conv[k::3]) for k in range(3)]
+    files = [write_jsonl(str(tmp_path / f"c{k}.jsonl"), conv[k::3]) for k in range(3)]
     args = ["--input", *files, "--tokenizer", "byte", "--quiet", "--sft"]
     assert PREPROCESS.main(args + ["--output-prefix", str(tmp_path / "single")]) == 0
     _run_sharded(args, str(tmp_path / "merged"), 2)
@@ -95,7 +88,7 @@ def test_groups_spanning_files_stay_whole(tmp_path):
              "text": "x" * int(rng.integers(1, 30))} for _ in range(400)]
     for r in recs:
         r["text"] = f"[{r['repo']}#{r['chunk']}]" + r["text"]
-    files = [_write(str(tmp_path / f"f{k}.jsonl"), recs[k::4]) for k in range(4)]
+    files = [write_jsonl(str(tmp_path / f"f{k}.jsonl"), recs[k::4]) for k in range(4)]
     args = ["--input", *files, "--tokenizer", "byte", "--quiet", "--group-key", "repo",
             "--group-sort-key", "chunk", "--group-separator", "|", "--min-doc-length", "60"]
     assert PREPROCESS.main(args + ["--output-prefix", str(tmp_path / "single")]) == 0
@@ -134,7 +127,7 @@ def _shard_cmd(files, prefix, shard):
 @pytest.mark.slow
 def test_killed_shard_is_redone_and_complete_one_skipped(tmp_path):
     text = "resume me " * 2000
-    files = [_write(str(tmp_path / f"big{k}.jsonl"), [{"text": f"{k}.{i} {text}"}
+    files = [write_jsonl(str(tmp_path / f"big{k}.jsonl"), [{"text": f"{k}.{i} {text}"}
                                                      for i in range(800)]) for k in range(2)]
     prefix = str(tmp_path / "out")
     shard0 = prefix + ".shard-00000-of-00002"
@@ -196,16 +189,16 @@ def test_merge_refuses_shards_of_different_runs(tmp_path, capsys):
 
 @pytest.mark.parametrize("bad", ["3", "2/2", "-1/4", "a/b"])
 def test_bad_shard_spec_is_a_usage_error(tmp_path, bad, capsys):
-    f = _write(str(tmp_path / "i.jsonl"), [{"text": "x"}])
+    f = write_jsonl(str(tmp_path / "i.jsonl"), [{"text": "x"}])
     assert PREPROCESS.main(["--input", f, "--output-prefix", str(tmp_path / "o"),
                             "--tokenizer", "byte", f"--shard={bad}"]) == 2
     assert "--shard" in capsys.readouterr().err
 
 
 def test_merge_any_datasets_in_order_and_refuse_mixed_kinds(tmp_path, capsys):
-    a = _write(str(tmp_path / "a.jsonl"), [{"text": f"alpha {i}"} for i in range(3)])
-    b = _write(str(tmp_path / "b.jsonl"), [{"text": f"beta {i}"} for i in range(2)])
-    chat = _write(str(tmp_path / "c.jsonl"), [{"messages": [
+    a = write_jsonl(str(tmp_path / "a.jsonl"), [{"text": f"alpha {i}"} for i in range(3)])
+    b = write_jsonl(str(tmp_path / "b.jsonl"), [{"text": f"beta {i}"} for i in range(2)])
+    chat = write_jsonl(str(tmp_path / "c.jsonl"), [{"messages": [
         {"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}])
     for src, out, extra in ((a, "A", []), (b, "B", []), (chat, "C", ["--sft"])):
         assert PREPROCESS.main(["--input", src, "--output-prefix", str(tmp_path / out),

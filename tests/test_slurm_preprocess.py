@@ -33,6 +33,16 @@ def _corpus(tmp_path):
     return paths
 
 
+def _assert_equals_one_process(args, prefix, single):
+    """`prefix` holds, byte for byte, what one preprocessing process writes from `args`."""
+    proc = subprocess.run(["python", "tools/preprocess_data.py", *args, "--output-prefix", single],
+                          cwd=REPO, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": REPO})
+    assert proc.returncode == 0, proc.stderr
+    for ext in (".bin", ".idx"):
+        assert _bytes(prefix, ext) == _bytes(single, ext)
+
+
 def test_array_tasks_then_merge_equal_one_process(tmp_path):
     _corpus(tmp_path)
     args = ["--input", str(tmp_path / "in*.jsonl"), "--tokenizer", "byte", "--quiet"]
@@ -43,12 +53,7 @@ def test_array_tasks_then_merge_equal_one_process(tmp_path):
         assert r.returncode == 0, r.stderr
     r = _bash(["merge", "3", prefix])
     assert r.returncode == 0, r.stderr
-    single = subprocess.run(["python", "tools/preprocess_data.py", *args, "--output-prefix",
-                             str(tmp_path / "single")], cwd=REPO, capture_output=True, text=True,
-                            env={**os.environ, "PYTHONPATH": REPO})
-    assert single.returncode == 0, single.stderr
-    for ext in (".bin", ".idx"):
-        assert _bytes(prefix, ext) == _bytes(str(tmp_path / "single"), ext)
+    _assert_equals_one_process(args, prefix, str(tmp_path / "single"))
 
 
 def test_merge_step_fails_while_a_shard_is_missing(tmp_path):
@@ -109,9 +114,4 @@ def test_submit_under_slurm_runs_the_array_then_the_merge(slurm_cluster, tmp_pat
     merge_job = int(re.search(r"merge: job (\d+) after all succeed", r.stdout).group(1))
     merged = slurm_cluster.wait_done(merge_job, timeout=300)
     assert merged["JobState"] == "COMPLETED", slurm_cluster.log(merge_job)
-    single = subprocess.run(["python", "tools/preprocess_data.py", *args, "--output-prefix",
-                             str(tmp_path / "single")], cwd=REPO, capture_output=True, text=True,
-                            env={**os.environ, "PYTHONPATH": REPO})
-    assert single.returncode == 0, single.stderr
-    for ext in (".bin", ".idx"):
-        assert _bytes(prefix, ext) == _bytes(str(tmp_path / "single"), ext)
+    _assert_equals_one_process(args, prefix, str(tmp_path / "single"))

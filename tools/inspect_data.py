@@ -33,7 +33,6 @@ from megatron_prolong.config import ConfigError, load_config, validate  # noqa: 
 from megatron_prolong.data import inspection  # noqa: E402
 from megatron_prolong.data.indexed import DataFileError  # noqa: E402
 from megatron_prolong.data.mixture import MixtureDataset  # noqa: E402
-from megatron_prolong.data.tokenizer import build_tokenizer  # noqa: E402
 
 
 def parse_args(argv):
@@ -65,7 +64,7 @@ def parse_args(argv):
 
 
 def build(cfg, world_size):
-    from megatron_prolong.training.data_source import DataSource, build_data_source
+    from megatron_prolong.training.data_source import DataSource, build_data_source, run_tokenizer
 
     tp, pp, cp = cfg.parallel.tensor, cfg.parallel.pipeline, cfg.parallel.context
     layout = validate(cfg, world_size or tp * pp * cp)
@@ -75,7 +74,7 @@ def build(cfg, world_size):
                           "demo, mixture or sft recipe")
     sources = [first] + [DataSource(first.dataset, first.domain_names, cfg, layout, r)
                          for r in range(1, layout.dp)]
-    return layout, sources
+    return layout, sources, run_tokenizer(cfg, first.data_cfg)
 
 
 def print_rows(cfg, layout, sources, tokenizer, rows, chars, segments) -> list[dict]:
@@ -183,10 +182,8 @@ def main(argv=None) -> int:
     ns = parse_args(argv)
     try:
         cfg = load_config(ns.recipe, ns.overrides)
-        layout, sources = build(cfg, ns.world_size)
+        layout, sources, tokenizer = build(cfg, ns.world_size)
         dataset = sources[0].dataset
-        kind = "byte" if cfg.data.kind == "demo" else cfg.data.tokenizer
-        tokenizer = build_tokenizer(kind, None if kind == "byte" else cfg.data.tokenizer_path)
         rows = print_rows(cfg, layout, sources, tokenizer, ns.rows, ns.chars, ns.segments)
         total_steps = cfg.training.total_steps()
         steps = max(1, min(ns.steps, total_steps))

@@ -95,7 +95,7 @@ def main(argv=None) -> int:
     cfg = parse_args(argv)
     try:
         stats = preprocess(cfg)
-    except (BadRecordError, ValueError, FileNotFoundError) as e:
+    except (BadRecordError, ValueError, OSError) as e:  # OSError: a path that cannot be used
         print(f"error: {e}", file=sys.stderr)
         return 2
     out = stats["output_prefix"]

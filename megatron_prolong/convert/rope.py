@@ -77,11 +77,13 @@ def read_rope(hf: dict, rope_theta: Optional[float] = None) -> tuple[float, list
         problems.append(f"partial_rotary_factor={factor!r}: partial RoPE is not supported")
     if rope_theta is not None:
         return float(rope_theta), problems
+    values = set()
     for key, value in thetas.items():
         bad = _theta_problem(key, value)
         if bad:
             problems.append(bad)
-    values = {float(v) for k, v in thetas.items() if not _theta_problem(k, v)}
+        else:
+            values.add(float(value))
     if len(values) > 1:
         stated = ", ".join(f"{k}={v!r}" for k, v in thetas.items())
         problems.append(f"{stated}: the config states different RoPE bases (transformers 4 reads "

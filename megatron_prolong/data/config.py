@@ -49,6 +49,13 @@ class DomainConfig:
             raise ValueError(f"domain {self.name!r}: mode {self.mode!r} not in {MODES}")
 
 
+def effective_min_doc_length(mode: str, min_doc_length: Optional[int], seq_length: int) -> int:
+    """The shortest document a stream keeps: the domain's own, else seq_length in long mode."""
+    if min_doc_length is None:
+        return seq_length if mode == "long" else 1
+    return min_doc_length
+
+
 @dataclass
 class DataConfig:
     tokenizer_kind: str = "byte"

@@ -19,10 +19,10 @@ from typing import Optional
 
 import numpy as np
 
-from .config import DomainConfig
+from .config import DomainConfig, effective_min_doc_length
 from .indexed import DocumentPool
 from .packing import PackedSample
-from .streams import DomainStream, effective_min_doc_length
+from .streams import DomainStream
 
 
 @dataclass(frozen=True)

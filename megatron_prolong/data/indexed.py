@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import os
 import struct
-import warnings
-from typing import Optional, Sequence
+from typing import Iterable, Optional, Sequence
 
 import numpy as np
 
@@ -64,14 +63,9 @@ def write_index(idx_path: str, dtype, sequence_lengths: np.ndarray,
 def read_index(prefix: str) -> tuple[np.dtype, np.ndarray, np.ndarray]:
     """(token dtype, sequence lengths int32, document indices int64) of a checked pair, as
     memory maps (no megatron-core import; the merge tool uses this)."""
-    _check_pair(prefix)
-    idx = get_idx_path(prefix)
-    with open(idx, "rb") as f:
-        head = f.read(HEADER_BYTES)
-    dtype = CODE_DTYPES[head[17]]
-    n_seq, n_doc = struct.unpack("<QQ", head[18:34])
-    lengths = _map(idx, np.int32, HEADER_BYTES, n_seq)
-    return dtype, lengths, _map(idx, np.int64, HEADER_BYTES + 12 * n_seq, n_doc)
+    dtype, lengths, n_doc = _check_pair(prefix)
+    docs = _map(get_idx_path(prefix), np.int64, HEADER_BYTES + 12 * len(lengths), n_doc)
+    return dtype, lengths, docs
 
 
 def _map(path: str, dtype, offset: int, count: int) -> np.ndarray:
@@ -171,10 +165,7 @@ class IndexedWriter:
         for b in (self._builder, self._mask_builder):
             if b is not None and not b.file.closed:
                 b.file.close()
-        for tmp, _ in self._tmp_files():
-            for path in (get_bin_path(tmp), get_idx_path(tmp)):
-                if os.path.exists(path):
-                    os.remove(path)
+        remove_pairs(tmp for tmp, _ in self._tmp_files())
 
     def __enter__(self) -> "IndexedWriter":
         return self
@@ -194,8 +185,17 @@ def publish(pairs: Sequence[tuple[str, str]]) -> None:
         os.replace(get_idx_path(tmp), get_idx_path(final))
 
 
-def _check_pair(prefix: str) -> None:
-    """Validate that prefix.bin/.idx exist and agree in size, with errors that say what to do."""
+def remove_pairs(prefixes: Iterable[str]) -> None:
+    """Delete the .bin/.idx of each (temporary) prefix that exist: an unfinished output."""
+    for prefix in prefixes:
+        for path in (get_bin_path(prefix), get_idx_path(prefix)):
+            if os.path.exists(path):
+                os.remove(path)
+
+
+def _check_pair(prefix: str) -> tuple[np.dtype, np.ndarray, int]:
+    """Validate that prefix.bin/.idx exist and agree in size, with errors that say what to do;
+    returns what the header says: (token dtype, sequence lengths memory map, #documents)."""
     idx_path, bin_path = get_idx_path(prefix), get_bin_path(prefix)
     missing = [p for p in (idx_path, bin_path) if not os.path.exists(p)]
     if missing:
@@ -206,27 +206,27 @@ def _check_pair(prefix: str) -> None:
         head = f.read(HEADER_BYTES)
     if len(head) < HEADER_BYTES or head[:9] != INDEX_HEADER or head[17] not in CODE_DTYPES:
         raise DataFileError(f"{idx_path}: not a megatron .idx file (bad or short header)")
-    code = head[17]
+    dtype = CODE_DTYPES[head[17]]
     n_seq, n_doc = struct.unpack("<QQ", head[18:34])
     expected_idx = HEADER_BYTES + n_seq * (4 + 8) + n_doc * 8
     if size < expected_idx:
         raise DataFileError(f"{idx_path}: truncated ({size} bytes, header promises "
                             f"{expected_idx}); re-run preprocessing for this dataset")
     lengths = _map(idx_path, np.int32, HEADER_BYTES, n_seq)
-    expected_bin = int(lengths.astype(np.int64).sum()) * CODE_DTYPES[code].itemsize
+    expected_bin = int(lengths.astype(np.int64).sum()) * dtype.itemsize
     actual_bin = os.path.getsize(bin_path)
     if actual_bin != expected_bin:
         raise DataFileError(f"{bin_path}: {actual_bin} bytes but {idx_path} describes "
                             f"{expected_bin}; the pair is truncated or mismatched. Re-run "
                             "preprocessing (outputs are only renamed into place when complete).")
+    return dtype, lengths, n_doc
 
 
 def _megatron_indexed_dataset():
-    """megatron-core's reader, imported on first use (it pulls in torch)."""
-    with warnings.catch_warnings():
-        # megatron.core's package import warns about absent TE/apex, irrelevant to data files.
-        warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex")
-        from megatron.core.datasets.indexed_dataset import IndexedDataset
+    """megatron-core's reader, imported on first use (it pulls in torch; its TE/apex import
+    warnings are filtered by the package, expected_warnings.py)."""
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
     return IndexedDataset
 
 

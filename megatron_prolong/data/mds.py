@@ -233,11 +233,11 @@ def iter_shard(shard: Shard, allow_pickle: bool = False) -> Iterator[tuple[int, 
     data = _shard_bytes(shard)
     offsets = _sample_offsets(shard, data)
     n_var = sum(1 for _, _, size in shard.columns if size is None)
+    fixed_bytes = sum(size for _, _, size in shard.columns if size is not None)
     for k in range(shard.samples):
         blob = data[offsets[k]:offsets[k + 1]]
         sizes = np.frombuffer(blob[:4 * n_var], np.uint32).tolist() if len(blob) >= 4 * n_var else []
-        fixed = [s for _, _, s in shard.columns if s is not None]
-        if len(sizes) != n_var or 4 * n_var + sum(sizes) + sum(fixed) != len(blob):
+        if len(sizes) != n_var or 4 * n_var + sum(sizes) + fixed_bytes != len(blob):
             raise MDSFormatError(f"{shard.where} sample {k}: garbled (its column sizes do not "
                                  f"add up to its {len(blob)} bytes)")
         var = iter(sizes)
@@ -254,11 +254,3 @@ def iter_shard(shard: Shard, allow_pickle: bool = False) -> Iterator[tuple[int, 
             pos += size
         yield k, sample
 
-
-def iter_stream(stream: str, allow_pickle: bool = False) -> Iterator[tuple[Shard, int, dict]]:
-    """(shard, sample index, sample) for one stream directory, in index order; the whole index
-    is checked (formats, columns, files present and complete) before the first sample."""
-    shards = read_index(stream)
-    for shard in shards:
-        for k, sample in iter_shard(shard, allow_pickle):
-            yield shard, k, sample

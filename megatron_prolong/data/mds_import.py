@@ -26,6 +26,8 @@ from typing import Callable, Optional
 import numpy as np
 import yaml
 
+from .config import effective_min_doc_length, load_mixture
+from .indexed import IndexedWriter
 from .mds import MDSFormatError, Shard, find_streams, iter_shard, read_index
 
 MAX_REPORTED_DOMAIN_VALUES = 8
@@ -181,7 +183,7 @@ def stream_names(input_dir: str, name: Optional[str]) -> list[tuple[str, str]]:
 @contextlib.contextmanager
 def _shard_mapper(workers: int):
     """map(fn, shards) in order: in this process, or over one pool of spawned workers for the
-    whole import (workers import only this module and mds.py, not megatron-core)."""
+    whole import (workers import this module, mds.py and the numpy writer, not megatron-core)."""
     if workers <= 1:
         yield map
         return
@@ -211,8 +213,6 @@ def import_mds(input_dir: str, output_dir: str, *, name: Optional[str] = None,
     """Import every stream under input_dir; returns the stats per output name. `convert`
     (default: verbatim) turns a checked sample into the document written; `min_lengths`
     {output name: minimum document length} counts the documents a `long` domain would drop."""
-    from .indexed import IndexedWriter  # megatron-core: here, not in the shard workers
-
     cols = cols or Columns()
     job = _ShardJob(cols, vocab_size, convert or Verbatim(append_eod), allow_pickle)
     streams = stream_names(input_dir, name)
@@ -254,15 +254,14 @@ def import_mds(input_dir: str, output_dir: str, *, name: Optional[str] = None,
 def mixture_min_lengths(path: str) -> dict:
     """{dataset name: minimum document length} for the `long` domains of a mixture YAML, the
     dataset name being the last component of each of the domain's paths (the importer's output
-    names); the minimum is the domain's min_doc_length, else the mixture's seq_length."""
-    from .config import load_mixture
-
+    names); the minimum is the domain's min_doc_length, else the mixture's seq_length (the
+    packer's rule, config.effective_min_doc_length)."""
     with open(path) as f:
         seq_length = (yaml.safe_load(f) or {}).get("seq_length")
     out = {}
-    for d in load_mixture(path):
-        minimum = d.min_doc_length or (seq_length if d.mode == "long" else None)
-        if d.mode == "long" and minimum:
+    for d in (d for d in load_mixture(path) if d.mode == "long"):
+        minimum = effective_min_doc_length(d.mode, d.min_doc_length, seq_length)
+        if minimum:
             out.update({p.rstrip("/").split("/")[-1]: int(minimum) for p in d.paths})
     return out
 
@@ -285,11 +284,11 @@ def _write_mixture(output_dir: str, stats: dict) -> None:
     mixture = {"domains": [{"name": out, "paths": [os.path.join(output_dir, out)],
                             "proportion": round(v["tokens"] / total, 6)}
                            for out, v in sorted(stats.items())]}
-    for fname, write in (("mixture.yaml", lambda f: (
-            f.write("# Realised token shares of the imported data; edit proportions as needed.\n"),
-            yaml.safe_dump(mixture, f, sort_keys=False))),
-            ("import_stats.json", lambda f: json.dump(stats, f, indent=2))):
+    texts = {"mixture.yaml": "# Realised token shares of the imported data; edit proportions as "
+                             "needed.\n" + yaml.safe_dump(mixture, sort_keys=False),
+             "import_stats.json": json.dumps(stats, indent=2)}
+    for fname, text in texts.items():
         path = os.path.join(output_dir, fname)
         with open(path + ".tmp", "w") as f:
-            write(f)
+            f.write(text)
         os.replace(path + ".tmp", path)

@@ -18,7 +18,7 @@ import numpy as np
 
 from . import shards
 from .indexed import (MASK_SUFFIX, _tmp_prefix, get_bin_path, get_idx_path, publish,
-                      read_index, write_index)
+                      read_index, remove_pairs, write_index)
 
 _COPY_CHUNK = 1 << 30
 
@@ -161,14 +161,11 @@ def merge_datasets(inputs: Sequence[str], output_prefix: str, force: bool = Fals
     pairs = [(tmp, output_prefix)]
     try:
         _merge_files(parts, runs, tmp)
-        if all(has_mask) and has_mask:
+        if all(has_mask):  # inputs is not empty (checked above)
             _merge_files([_Part(p, MASK_SUFFIX) for p in inputs], runs, tmp + MASK_SUFFIX)
             pairs.append((tmp + MASK_SUFFIX, output_prefix + MASK_SUFFIX))
     except BaseException:
-        for t, _ in pairs + [(tmp + MASK_SUFFIX, None)]:
-            for path in (get_bin_path(t), get_idx_path(t)):
-                if os.path.exists(path):
-                    os.remove(path)
+        remove_pairs((tmp, tmp + MASK_SUFFIX))
         raise
     publish(pairs)
     stats = []

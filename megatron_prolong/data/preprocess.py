@@ -63,6 +63,9 @@ class PreprocessConfig:
                 "input_list", "force"}
         return {k: v for k, v in asdict(self).items() if k not in skip}
 
+    def shard_spec(self) -> Optional[shards.ShardSpec]:
+        return shards.ShardSpec.parse(self.shard) if self.shard else None
+
 
 @dataclass
 class Stats:
@@ -97,10 +100,10 @@ _WORKER: dict[str, Any] = {}
 OTHER_SHARD = "other_shard"  # a record another shard of a grouped run owns: not counted here
 
 
-def _init_worker(cfg: PreprocessConfig) -> None:
+def _init_worker(cfg: PreprocessConfig, tok: Optional[Tokenizer] = None) -> None:
     _WORKER["cfg"] = cfg
-    _WORKER["tok"] = build_tokenizer(cfg.tokenizer_kind, cfg.tokenizer_path)
-    _WORKER["shard"] = shards.ShardSpec.parse(cfg.shard) if cfg.shard else None
+    _WORKER["tok"] = tok or build_tokenizer(cfg.tokenizer_kind, cfg.tokenizer_path)
+    _WORKER["shard"] = cfg.shard_spec()
 
 
 def _process_one(cfg: PreprocessConfig, tok: Tokenizer, shard: Optional[shards.ShardSpec],
@@ -156,8 +159,7 @@ def _ordered_results(cfg: PreprocessConfig, tok: Tokenizer, batches: Iterator[li
                      ) -> Iterator[list]:
     """Worker results in input order, never more than 2*workers batches in flight."""
     if cfg.workers <= 1:  # in-process: reuse the already loaded tokenizer
-        _WORKER["cfg"], _WORKER["tok"] = cfg, tok
-        _WORKER["shard"] = shards.ShardSpec.parse(cfg.shard) if cfg.shard else None
+        _init_worker(cfg, tok)
         for b in batches:
             yield _process_batch(b)
         return
@@ -299,7 +301,7 @@ def preprocess(cfg: PreprocessConfig) -> dict:
     JSON). A complete output made from the same inputs and options is kept, not redone."""
     if cfg.sft and cfg.group_key:
         raise ValueError("--group-key cannot be combined with --sft (conversations stay apart)")
-    spec = shards.ShardSpec.parse(cfg.shard) if cfg.shard else None
+    spec = cfg.shard_spec()
     if spec is not None and cfg.stats_path:
         raise ValueError("--stats cannot be combined with --shard: each shard writes "
                          "PREFIX.shard-I-of-N.stats.json and the merge joins them")
@@ -324,7 +326,8 @@ def preprocess(cfg: PreprocessConfig) -> dict:
     bos = np.asarray([tok.bos_id] if cfg.prepend_bos else [], dtype=np.int32)
     spill = (_GroupSpill(prefix + f".tmp-{os.getpid()}.groups", cfg.group_sort_key is not None)
              if cfg.group_key else None)
-    order: list[int] = []  # grouped shard: first input position of each kept document
+    # grouped shard: first input position of each kept document (the merge interleaves by it)
+    order = array("q") if spec is not None and cfg.group_key else None
 
     def emit(writer: IndexedWriter, ids: np.ndarray, mask: Optional[np.ndarray],
              position: int = 0) -> None:
@@ -333,7 +336,8 @@ def preprocess(cfg: PreprocessConfig) -> dict:
             return
         writer.add(ids, mask)
         stats.keep(len(ids))
-        order.append(position)
+        if order is not None:
+            order.append(position)
 
     try:
         with IndexedWriter(prefix, tok.vocab_size, with_mask=cfg.sft) as writer:
@@ -374,7 +378,7 @@ def preprocess(cfg: PreprocessConfig) -> dict:
                 raise ValueError(f"no document kept from {files} (dropped: "
                                  f"{dict(stats.dropped)}); check --text-key and "
                                  "--min-doc-length")
-        if spec is not None and cfg.group_key:
+        if order is not None:
             tmp = prefix + f".tmp-{os.getpid()}{shards.ORDER_SUFFIX}"
             np.save(tmp, np.asarray(order, dtype=np.int64))
             os.replace(tmp, prefix + shards.ORDER_SUFFIX)

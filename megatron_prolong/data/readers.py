@@ -3,7 +3,9 @@
 Readers yield ``(source, line_number, payload)`` where payload is the raw JSON line as bytes
 (decoded and parsed later, in a worker, so invalid UTF-8 is reported with its file and line) or
 an already-decoded dict (parquet). Lines are split on b"\\n" as JSON Lines defines them. Memory
-stays bounded: nothing is read ahead beyond one line / one parquet record batch.
+stays bounded: nothing is read ahead beyond one line / one parquet record batch. A compressed
+file that is corrupt or cut short stops the run with one error naming it (BadRecordError, never
+skipped by --skip-bad-lines).
 
 Text is made encodable: a lone UTF-16 surrogate (JSON allows "\\ud83d" on its own, no tokenizer
 can encode it) becomes U+FFFD, which is what tiktoken (the llama3 tokenizer) does by itself; so
@@ -17,6 +19,7 @@ import io
 import json
 import os
 import re
+import zlib
 from typing import Any, Iterator, Union
 
 Payload = Union[bytes, str, dict]
@@ -48,12 +51,54 @@ def _open_lines(path: str) -> io.BufferedIOBase:
     if path.endswith(".gz"):
         return gzip.open(path, "rb")
     if path.endswith((".zst", ".zstd")):
+        return io.BufferedReader(_ZstdFrames(path), buffer_size=1 << 20)
+    return open(path, "rb", buffering=1 << 20)
+
+
+class _ZstdFrames(io.RawIOBase):
+    """A .zst file decompressed frame after frame, 64 KB of it at a time. Unlike zstandard's
+    stream_reader, which ends quietly with the part it could decode, an input cut short inside
+    a frame raises."""
+
+    def __init__(self, path: str) -> None:
         import zstandard
 
-        raw = open(path, "rb")
-        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(raw, closefd=True),
-                                 buffer_size=1 << 20)
-    return open(path, "rb", buffering=1 << 20)
+        self._zstd = zstandard
+        self._dctx = zstandard.ZstdDecompressor()
+        self._file = open(path, "rb")
+        self._frame = None  # the decompressobj of the frame being read
+        self._out, self._pos = b"", 0
+
+    def readable(self) -> bool:
+        return True
+
+    def _decode(self, data: bytes) -> bytes:
+        out = []
+        while data:
+            if self._frame is None:
+                self._frame = self._dctx.decompressobj()
+            out.append(self._frame.decompress(data))
+            data = b""
+            if self._frame.eof:  # the next frame, if any, starts in what is left
+                data, self._frame = self._frame.unused_data, None
+        return b"".join(out)
+
+    def readinto(self, buffer) -> int:
+        while self._pos == len(self._out):
+            data = self._file.read(1 << 16)
+            if not data:
+                if self._frame is not None:
+                    raise self._zstd.ZstdError("the data ends inside a zstd frame (truncated)")
+                return 0
+            self._out, self._pos = self._decode(data), 0
+        n = min(len(buffer), len(self._out) - self._pos)
+        buffer[:n] = memoryview(self._out)[self._pos:self._pos + n]
+        self._pos += n
+        return n
+
+    def close(self) -> None:
+        self._file.close()
+        super().close()
 
 
 def iter_records(paths: list[str]) -> Iterator[tuple[str, int, Payload]]:
@@ -67,10 +112,26 @@ def iter_records(paths: list[str]) -> Iterator[tuple[str, int, Payload]]:
                     line += 1
                     yield path, line, row
             continue
-        with _open_lines(path) as f:
-            for line_no, line in enumerate(f, 1):
-                if line.strip():
-                    yield path, line_no, line
+        line_no = 0
+        try:
+            with _open_lines(path) as f:
+                for line_no, line in enumerate(f, 1):
+                    if line.strip():
+                        yield path, line_no, line
+        except _read_errors(path) as e:
+            raise BadRecordError(f"{path}: unreadable after line {line_no} ({type(e).__name__}: "
+                                 f"{e}); the file is corrupt or cut short: fetch or compress it "
+                                 "again") from None
+
+
+def _read_errors(path: str) -> tuple:
+    """What reading an input raises when its (compressed) bytes are corrupt or cut short."""
+    errors: tuple = (gzip.BadGzipFile, EOFError, zlib.error)
+    if path.endswith((".zst", ".zstd")):
+        import zstandard
+
+        errors += (zstandard.ZstdError,)
+    return errors
 
 
 def parse_record(source: str, line_no: int, payload: Payload) -> dict[str, Any]:

@@ -22,15 +22,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .config import effective_min_doc_length
 from .indexed import DocumentPool
 from .packing import PackedSample, build_sample
-
-
-def effective_min_doc_length(mode: str, min_doc_length: int | None, seq_length: int) -> int:
-    """The shortest document a stream keeps: the domain's own, else seq_length in long mode."""
-    if min_doc_length is None:
-        return seq_length if mode == "long" else 1
-    return min_doc_length
 
 
 @dataclass(frozen=True)
