@@ -156,6 +156,26 @@ def test_one_owner_per_run_dir_and_metrics_cut_at_resume(tmp_path):
     assert holder["pid"] != first.pid and {"host", "slurm_job_id", "started"} <= set(holder)
 
 
+def test_run_dir_lock_covers_a_save_dir_inside_it_and_refuses_a_second_owner(tmp_path):
+    from megatron_prolong.config import load_config
+    from megatron_prolong.training.loop import lock_run_dirs, release_locks
+    from megatron_prolong.training.run_lock import RunDirBusy
+
+    run_dir = tmp_path / "run"
+    expected = {f"{run_dir}/": [run_dir], str(run_dir / "ckpt"): [run_dir],
+                str(tmp_path / "elsewhere"): [run_dir, tmp_path / "elsewhere"]}
+    for save_dir, locked in expected.items():
+        cfg = load_config(None, [f"run_dir={run_dir}", f"checkpoint.save_dir={save_dir}"])
+        locks = lock_run_dirs(cfg, rank=0)
+        try:
+            assert [lock.directory for lock in locks] == [str(d) for d in locked], save_dir
+            with pytest.raises(RunDirBusy, match=f"is in use by pid {os.getpid()}"):
+                lock_run_dirs(cfg, rank=0)  # a second launch's rank 0
+            assert lock_run_dirs(cfg, rank=1) == []  # the owner's other ranks take none
+        finally:
+            release_locks(locks)
+
+
 # ---------------------------------------------------------------------------------- items 3, 5
 @pytest.mark.slow
 def test_changed_model_shape_and_dangling_latest(tmp_path):
