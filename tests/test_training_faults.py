@@ -278,6 +278,22 @@ def test_input_errors_after_start_up_are_one_line_exit_2(tmp_path, override, nee
     assert line.startswith(needle.format(tmp=tmp_path)), line
 
 
+def test_unreadable_validation_data_is_a_config_error_naming_the_setting(tmp_path):
+    """What periodic evaluation reads before step 1 (train.py turns it into one line, exit 2)."""
+    from megatron_prolong.config import ConfigError, load_config
+    from megatron_prolong.training.data_source import build_validation_samples
+
+    missing = tmp_path / "no_such_val.yaml"
+    mixture = tmp_path / "val.yaml"
+    mixture.write_text(yaml.safe_dump({"domains": [
+        {"name": "x", "paths": [str(tmp_path / "no_such_dataset")], "proportion": 1.0}]}))
+    for path in (missing, mixture):
+        cfg = load_config(None, ["data.kind=mixture", f"data.mixture={tmp_path / 'train.yaml'}",
+                                 f"evaluation.validation_mixture={path}"])
+        with pytest.raises(ConfigError, match=f"^evaluation.validation_mixture={path}: "):
+            build_validation_samples(cfg, None)
+
+
 def test_recall_too_long_for_the_rows_stops_at_start(tmp_path):
     """Evaluation settings that cannot be met (recall at 256 tokens: the task's fixed text is
     longer) stop the run before step 1 with one line, not with a traceback at the first
