@@ -131,8 +131,7 @@ class CheckpointManager:
         return resolve_checkpoint(self.save_dir, must_exist=False)
 
     def complete_checkpoints(self) -> list[str]:
-        return [os.path.join(self.save_dir, n) for n in _step_names(self.save_dir)
-                if is_complete(os.path.join(self.save_dir, n))]
+        return complete_checkpoints(self.save_dir)
 
     # ----------------------------------------------------------------------------- saving
     def save(self, model: list, optimizer, progress: Progress) -> str:
@@ -202,10 +201,13 @@ def is_weights_only(directory: str) -> bool:
             and not os.path.exists(os.path.join(directory, "train_state.json")))
 
 
-def _step_names(save_dir: str) -> list[str]:
+def complete_checkpoints(save_dir: str) -> list[str]:
+    """The complete step_* directories of `save_dir`, oldest first."""
     if not os.path.isdir(save_dir):
         return []
-    return sorted(n for n in os.listdir(save_dir) if n.startswith("step_"))
+    steps = (os.path.join(save_dir, n) for n in sorted(os.listdir(save_dir))
+             if n.startswith("step_"))
+    return [d for d in steps if is_complete(d)]
 
 
 def is_complete(directory: str) -> bool:
@@ -236,7 +238,7 @@ def _follow_latest(save_dir: str) -> Optional[str]:
             named = None
         if named and is_complete(os.path.join(save_dir, named)):
             return os.path.join(save_dir, named)
-    complete = [n for n in _step_names(save_dir) if is_complete(os.path.join(save_dir, n))]
+    complete = complete_checkpoints(save_dir)
     if not complete:
         if os.path.exists(pointer):
             raise CheckpointError(
@@ -244,7 +246,7 @@ def _follow_latest(save_dir: str) -> Optional[str]:
                 f"{save_dir} holds no other complete step_* checkpoint; delete {pointer} to "
                 "start from scratch")
         return None
-    newest = os.path.join(save_dir, complete[-1])
+    newest = complete[-1]
     why = (f"{pointer} names {named}, which is missing or incomplete" if named else
            f"{pointer} is unreadable" if os.path.exists(pointer) else f"{pointer} is missing")
     _warn(f"{why}; using the newest complete checkpoint {newest} instead")
