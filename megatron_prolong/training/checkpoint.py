@@ -314,19 +314,14 @@ def load_checkpoint(model: list, optimizer, directory: str, *, load_optimizer: b
                     load_rng: bool = True) -> Progress:
     """Collective. Loads model (and optimizer) state into the current layout, resharding
     TP/PP as needed; RNG states only when the layout is the one that saved them."""
-    if is_weights_only(directory):
-        from megatron_prolong.training.weights import load_model_weights
-
-        load_model_weights(model, directory)
-        optimizer.reload_model_params()  # fp32 main copies follow the loaded weights
-        return Progress()
-    progress = read_progress(directory)
-    state = dist_checkpointing.load(
-        _sharded_state(model, optimizer, load_optimizer, True), os.path.join(directory, "dist"))
-    unwrap(model[0]).load_state_dict(state["model"])
-    if load_optimizer:
+    if load_optimizer and not is_weights_only(directory):
+        progress = read_progress(directory)
+        state = dist_checkpointing.load(_sharded_state(model, optimizer, True, True),
+                                        os.path.join(directory, "dist"))
+        unwrap(model[0]).load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
     else:  # mixed precision keeps fp32 main copies of the weights: refresh them
+        progress = load_weights_only(model, directory) or Progress()
         optimizer.reload_model_params()
     rng_file = os.path.join(directory, "rng", f"rank_{_rank():05d}.pt")
     if load_rng and _same_layout(progress.layout) and os.path.exists(rng_file):
