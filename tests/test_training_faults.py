@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import yaml
 
-from distributed import run_distributed
+from distributed import _free_port, run_distributed
 from training_cases import nan_gradient_cases
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -388,11 +388,3 @@ def test_start_up_error_on_two_ranks_exits_2_everywhere(tmp_path):
     errors = [line for _, err in outs for line in err.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "holds token id 999" in errors[0], outs
     assert not any("Traceback" in err for _, err in outs)
-
-
-def _free_port():
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
