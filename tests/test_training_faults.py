@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import yaml
 
-from distributed import run_distributed
+from distributed import _free_port, run_distributed
 from training_cases import nan_gradient_cases
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -156,6 +156,26 @@ def test_one_owner_per_run_dir_and_metrics_cut_at_resume(tmp_path):
     assert holder["pid"] != first.pid and {"host", "slurm_job_id", "started"} <= set(holder)
 
 
+def test_run_dir_lock_covers_a_save_dir_inside_it_and_refuses_a_second_owner(tmp_path):
+    from megatron_prolong.config import load_config
+    from megatron_prolong.training.loop import lock_run_dirs, release_locks
+    from megatron_prolong.training.run_lock import RunDirBusy
+
+    run_dir = tmp_path / "run"
+    expected = {f"{run_dir}/": [run_dir], str(run_dir / "ckpt"): [run_dir],
+                str(tmp_path / "elsewhere"): [run_dir, tmp_path / "elsewhere"]}
+    for save_dir, locked in expected.items():
+        cfg = load_config(None, [f"run_dir={run_dir}", f"checkpoint.save_dir={save_dir}"])
+        locks = lock_run_dirs(cfg, rank=0)
+        try:
+            assert [lock.directory for lock in locks] == [str(d) for d in locked], save_dir
+            with pytest.raises(RunDirBusy, match=f"is in use by pid {os.getpid()}"):
+                lock_run_dirs(cfg, rank=0)  # a second launch's rank 0
+            assert lock_run_dirs(cfg, rank=1) == []  # the owner's other ranks take none
+        finally:
+            release_locks(locks)
+
+
 # ---------------------------------------------------------------------------------- items 3, 5
 @pytest.mark.slow
 def test_changed_model_shape_and_dangling_latest(tmp_path):
@@ -258,6 +278,22 @@ def test_input_errors_after_start_up_are_one_line_exit_2(tmp_path, override, nee
     assert line.startswith(needle.format(tmp=tmp_path)), line
 
 
+def test_unreadable_validation_data_is_a_config_error_naming_the_setting(tmp_path):
+    """What periodic evaluation reads before step 1 (train.py turns it into one line, exit 2)."""
+    from megatron_prolong.config import ConfigError, load_config
+    from megatron_prolong.training.data_source import build_validation_samples
+
+    missing = tmp_path / "no_such_val.yaml"
+    mixture = tmp_path / "val.yaml"
+    mixture.write_text(yaml.safe_dump({"domains": [
+        {"name": "x", "paths": [str(tmp_path / "no_such_dataset")], "proportion": 1.0}]}))
+    for path in (missing, mixture):
+        cfg = load_config(None, ["data.kind=mixture", f"data.mixture={tmp_path / 'train.yaml'}",
+                                 f"evaluation.validation_mixture={path}"])
+        with pytest.raises(ConfigError, match=f"^evaluation.validation_mixture={path}: "):
+            build_validation_samples(cfg, None)
+
+
 def test_recall_too_long_for_the_rows_stops_at_start(tmp_path):
     """Evaluation settings that cannot be met (recall at 256 tokens: the task's fixed text is
     longer) stop the run before step 1 with one line, not with a traceback at the first
@@ -352,11 +388,3 @@ def test_start_up_error_on_two_ranks_exits_2_everywhere(tmp_path):
     errors = [line for _, err in outs for line in err.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "holds token id 999" in errors[0], outs
     assert not any("Traceback" in err for _, err in outs)
-
-
-def _free_port():
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]

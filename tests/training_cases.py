@@ -1,6 +1,7 @@
 """Bodies of the multi-process training-loop tests; run on every rank by tests/distributed.py."""
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -11,19 +12,27 @@ BASE = ["model.preset=tiny", "training.seq_length=256", "training.global_batch_s
         "training.loss_chunk_size=100", "checkpoint.keep_last=2"]
 
 
-def run(overrides, **kwargs):
-    """One training run in this (already initialised) process group."""
+@contextlib.contextmanager
+def _model_parallel(overrides):
+    """(cfg, layout) of BASE + overrides, with megatron's parallel groups set up inside."""
     from megatron_prolong.config import load_config, validate
-    from megatron_prolong.training.loop import train
     from megatron_prolong.training.parallel import destroy_model_parallel, init_model_parallel
 
     cfg = load_config(None, BASE + overrides)
     layout = validate(cfg, torch.distributed.get_world_size())
     init_model_parallel(layout, cfg.training.seed)
     try:
-        return train(cfg, _runtime(), layout, **kwargs)
+        yield cfg, layout
     finally:
         destroy_model_parallel()
+
+
+def run(overrides, **kwargs):
+    """One training run in this (already initialised) process group."""
+    from megatron_prolong.training.loop import train
+
+    with _model_parallel(overrides) as (cfg, layout):
+        return train(cfg, _runtime(), layout, **kwargs)
 
 
 def _runtime():
@@ -35,6 +44,10 @@ def _runtime():
 def _latest(run_dir):
     with open(os.path.join(run_dir, "checkpoints", "latest")) as f:
         return f.read().strip()
+
+
+def _checksum(state):
+    return sum(float(p.double().sum()) for p in state.model[0].parameters())
 
 
 class NaNInjector:
@@ -115,7 +128,7 @@ def single_process_cases(root):
 
     def record(step, result, state, batches):
         injector(step, result, state, batches)
-        checksums[step] = sum(float(p.double().sum()) for p in state.model[0].parameters())
+        checksums[step] = _checksum(state)
     skipped = run([d("nan"), "training.max_nan_steps=3"], step_hook=record)
     out["nan"] = (skipped.losses, checksums)
 
@@ -170,10 +183,6 @@ class GradPoisoner:
         return None if value is None else grad + value  # None: the gradient as it is
 
 
-def _checksum(state):
-    return sum(float(p.double().sum()) for p in state.model[0].parameters())
-
-
 def nan_gradient_cases(root):
     """TP=2, non-finite gradients on rank 1 only, finite losses everywhere."""
     from megatron_prolong.training.checkpoint import load_checkpoint
@@ -225,20 +234,13 @@ def nan_gradient_cases(root):
     except TrainingDiverged as exc:
         message = str(exc)
     # The checkpoint left behind loads and holds finite weights.
-    from megatron_prolong.config import load_config, validate
-    from megatron_prolong.training.parallel import destroy_model_parallel, init_model_parallel
     from megatron_prolong.training.step import setup_training
 
-    cfg = load_config(None, BASE + tp2)
-    layout = validate(cfg, torch.distributed.get_world_size())
-    init_model_parallel(layout, cfg.training.seed)
-    try:
+    with _model_parallel(tp2) as (cfg, layout):
         state = setup_training(cfg, _runtime(), layout)
         latest = os.path.join(root, "nan_weights", "checkpoints",
                               _latest(os.path.join(root, "nan_weights")))
         load_checkpoint(state.model, state.optimizer, latest)
         finite = weights_are_finite(state.model)
-    finally:
-        destroy_model_parallel()
     out["nan_weights"] = (message, os.path.basename(latest), finite)
     return out

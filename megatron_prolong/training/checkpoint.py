@@ -131,8 +131,7 @@ class CheckpointManager:
         return resolve_checkpoint(self.save_dir, must_exist=False)
 
     def complete_checkpoints(self) -> list[str]:
-        return [os.path.join(self.save_dir, n) for n in _step_names(self.save_dir)
-                if is_complete(os.path.join(self.save_dir, n))]
+        return complete_checkpoints(self.save_dir)
 
     # ----------------------------------------------------------------------------- saving
     def save(self, model: list, optimizer, progress: Progress) -> str:
@@ -202,10 +201,13 @@ def is_weights_only(directory: str) -> bool:
             and not os.path.exists(os.path.join(directory, "train_state.json")))
 
 
-def _step_names(save_dir: str) -> list[str]:
+def complete_checkpoints(save_dir: str) -> list[str]:
+    """The complete step_* directories of `save_dir`, oldest first."""
     if not os.path.isdir(save_dir):
         return []
-    return sorted(n for n in os.listdir(save_dir) if n.startswith("step_"))
+    steps = (os.path.join(save_dir, n) for n in sorted(os.listdir(save_dir))
+             if n.startswith("step_"))
+    return [d for d in steps if is_complete(d)]
 
 
 def is_complete(directory: str) -> bool:
@@ -236,7 +238,7 @@ def _follow_latest(save_dir: str) -> Optional[str]:
             named = None
         if named and is_complete(os.path.join(save_dir, named)):
             return os.path.join(save_dir, named)
-    complete = [n for n in _step_names(save_dir) if is_complete(os.path.join(save_dir, n))]
+    complete = complete_checkpoints(save_dir)
     if not complete:
         if os.path.exists(pointer):
             raise CheckpointError(
@@ -244,7 +246,7 @@ def _follow_latest(save_dir: str) -> Optional[str]:
                 f"{save_dir} holds no other complete step_* checkpoint; delete {pointer} to "
                 "start from scratch")
         return None
-    newest = os.path.join(save_dir, complete[-1])
+    newest = complete[-1]
     why = (f"{pointer} names {named}, which is missing or incomplete" if named else
            f"{pointer} is unreadable" if os.path.exists(pointer) else f"{pointer} is missing")
     _warn(f"{why}; using the newest complete checkpoint {newest} instead")
@@ -312,19 +314,14 @@ def load_checkpoint(model: list, optimizer, directory: str, *, load_optimizer: b
                     load_rng: bool = True) -> Progress:
     """Collective. Loads model (and optimizer) state into the current layout, resharding
     TP/PP as needed; RNG states only when the layout is the one that saved them."""
-    if is_weights_only(directory):
-        from megatron_prolong.training.weights import load_model_weights
-
-        load_model_weights(model, directory)
-        optimizer.reload_model_params()  # fp32 main copies follow the loaded weights
-        return Progress()
-    progress = read_progress(directory)
-    state = dist_checkpointing.load(
-        _sharded_state(model, optimizer, load_optimizer, True), os.path.join(directory, "dist"))
-    unwrap(model[0]).load_state_dict(state["model"])
-    if load_optimizer:
+    if load_optimizer and not is_weights_only(directory):
+        progress = read_progress(directory)
+        state = dist_checkpointing.load(_sharded_state(model, optimizer, True, True),
+                                        os.path.join(directory, "dist"))
+        unwrap(model[0]).load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
     else:  # mixed precision keeps fp32 main copies of the weights: refresh them
+        progress = load_weights_only(model, directory) or Progress()
         optimizer.reload_model_params()
     rng_file = os.path.join(directory, "rng", f"rank_{_rank():05d}.pt")
     if load_rng and _same_layout(progress.layout) and os.path.exists(rng_file):

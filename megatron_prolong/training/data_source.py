@@ -12,9 +12,10 @@ for the per-domain loss curves.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import fields
-from typing import Optional
+from typing import Iterator, Optional
 
 import numpy as np
 import torch
@@ -164,17 +165,34 @@ def _build_demo(cfg: RunConfig, rank: int):
     return dataset, [d.name for d in domains], data_cfg
 
 
+@contextlib.contextmanager
+def _data_errors_named(where: str) -> Iterator[None]:
+    """Errors in the data (a missing file, a damaged dataset, token ids outside the
+    vocabulary) become one-line ConfigErrors that start with the setting `where`
+    (train.py: exit 2)."""
+    from megatron_prolong.data.indexed import DataFileError
+
+    try:
+        yield
+    except ConfigError:
+        raise
+    except (DataFileError, ValueError, TypeError, OSError) as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+
+
+def _training_data_setting(cfg: RunConfig) -> str:
+    return f"data.mixture={cfg.data.mixture}" if cfg.data.mixture else f"data.kind={cfg.data.kind}"
+
+
 def _open_datasets(cfg: RunConfig, rank: int, options: Optional[dict] = None, scan: bool = True,
                    **data_args):
     """Open every dataset of the mixture; rank 0 also scans each file's largest token id
     (cached) and prints the rescaled mixture when the proportions do not sum to 1. Errors in
     the data become one-line ConfigErrors naming the file (train.py: exit 2).
     Returns (dataset, its DataConfig)."""
-    from megatron_prolong.data.indexed import DataFileError
     from megatron_prolong.data.mixture import build_pretraining_dataset, rescaled_mixture_table
 
-    where = f"data.mixture={cfg.data.mixture}" if cfg.data.mixture else f"data.kind={cfg.data.kind}"
-    try:
+    with _data_errors_named(_training_data_setting(cfg)):
         data_cfg = _data_config(cfg, options, **data_args)
         tokenizer = tokenizer_for_model(cfg, data_cfg)
         if rank == 0:
@@ -184,10 +202,6 @@ def _open_datasets(cfg: RunConfig, rank: int, options: Optional[dict] = None, sc
         dataset = build_pretraining_dataset(data_cfg, cfg.training.seq_length,
                                             tokenizer=tokenizer, scan_token_ids=scan and rank == 0)
         return dataset, data_cfg
-    except ConfigError:
-        raise
-    except (DataFileError, ValueError, TypeError, OSError) as exc:
-        raise ConfigError(f"{where}: {exc}") from None
 
 
 def build_data_source(cfg: RunConfig, layout: Layout, dp_rank: int, consumed_samples: int = 0,
@@ -228,15 +242,18 @@ def build_validation_samples(cfg: RunConfig, data_cfg) -> list[PackedSample]:
             return []
         data = SyntheticPackedDataset(seq, cfg.model.vocab_size, e.heldout_seed)
         return [data[i] for i in range(e.validation_rows * len(data.DOMAINS))]
-    if e.validation_mixture:
-        data_cfg = _data_config(cfg, mixture=e.validation_mixture, domains=[],
-                                **({"mode": "sft"} if cfg.data.kind == "sft" else {}))
-        spec = None
-    else:
-        spec = data_cfg.heldout if data_cfg is not None else None
-        if spec is None:
-            return []
-    tokenizer = tokenizer_for_model(cfg, data_cfg)
-    return validation_samples(data_cfg.resolved_domains(), seq, e.validation_rows, spec,
-                              tokenizer.pad_id, data_cfg.mode, data_cfg.sft_overflow,
-                              tokenizer.vocab_size if data_cfg.check_token_ids else None)
+    where = (f"evaluation.validation_mixture={e.validation_mixture}" if e.validation_mixture
+             else _training_data_setting(cfg))
+    with _data_errors_named(where):
+        if e.validation_mixture:
+            data_cfg = _data_config(cfg, mixture=e.validation_mixture, domains=[],
+                                    **({"mode": "sft"} if cfg.data.kind == "sft" else {}))
+            spec = None
+        else:
+            spec = data_cfg.heldout if data_cfg is not None else None
+            if spec is None:
+                return []
+        tokenizer = tokenizer_for_model(cfg, data_cfg)
+        return validation_samples(data_cfg.resolved_domains(), seq, e.validation_rows, spec,
+                                  tokenizer.pad_id, data_cfg.mode, data_cfg.sft_overflow,
+                                  tokenizer.vocab_size if data_cfg.check_token_ids else None)

@@ -107,7 +107,10 @@ def lock_run_dirs(cfg: RunConfig, rank: int) -> list[RunDirLock]:
     """Rank 0 owns run_dir (and checkpoint.save_dir when it lies elsewhere) for this launch."""
     dirs = [cfg.run_dir]
     save_dir = cfg.checkpoint.save_dir
-    if save_dir and not os.path.abspath(save_dir).startswith(os.path.abspath(cfg.run_dir) + os.sep):
+    # run_dir itself or a folder inside it is covered by run_dir's lock (a second flock on
+    # the same file from this process would refuse this very launch).
+    run_dir = os.path.realpath(cfg.run_dir)
+    if save_dir and os.path.commonpath([os.path.realpath(save_dir), run_dir]) != run_dir:
         dirs.append(save_dir)
     locks = [RunDirLock(d) for d in dirs] if rank == 0 else []
     try:

@@ -187,9 +187,7 @@ class MetricsLogger:
                       skipped=result.skipped, skipped_total=skipped_total,
                       loss_tokens=result.loss_tokens, step_time=seconds,
                       domain_loss={k: s / n for k, (s, n) in names.items() if n})
-        if self.jsonl:
-            self.jsonl.write(json.dumps(strict_json(record), allow_nan=False) + "\n")
-            self.jsonl.flush()
+        self._append(record)
         if step % self.cfg.logging.log_interval and step != self.total_steps:
             return None
         return self._flush(step, lr, result.grad_norm)
@@ -242,13 +240,17 @@ class MetricsLogger:
         if not self.is_writer:
             return
         print(text, flush=True)
-        if self.jsonl:
-            self.jsonl.write(json.dumps(strict_json(record), allow_nan=False) + "\n")
-            self.jsonl.flush()
+        self._append(record)
         if self.tb:
             for key, value in scalars.items():
                 self.tb.add_scalar(key, value, step)
             self.tb.flush()
+
+    def _append(self, record: dict) -> None:
+        """One strict-JSON line in metrics.jsonl (rank 0), on disk at once."""
+        if self.jsonl:
+            self.jsonl.write(json.dumps(strict_json(record), allow_nan=False) + "\n")
+            self.jsonl.flush()
 
     def close(self) -> None:
         if self.tb:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Optional
 
 from megatron_prolong.config import ConfigError, RunConfig
 from megatron_prolong.evaluation.report import eval_line, eval_scalars, recall_table
@@ -28,9 +27,8 @@ class PeriodicEvaluation:
         self.cfg, self.metrics, self.rank = cfg, metrics, rank
         self.data_cfg = getattr(data_source, "data_cfg", None)
         self.directory = os.path.join(cfg.run_dir, "eval")
-        self._prepared: Optional[tuple] = None
-        if cfg.evaluation.interval > 0:  # collective: every rank fails together, before step 1
-            self._prepared = on_all_ranks(self._prepare)
+        # Collective: every rank fails together, before step 1. Only `due` steps read it.
+        self._prepared = on_all_ranks(self._prepare) if cfg.evaluation.interval > 0 else None
 
     def due(self, step: int, total: int) -> bool:
         interval = self.cfg.evaluation.interval
@@ -61,8 +59,6 @@ class PeriodicEvaluation:
         if not self.due(step, total):
             return
         start = time.perf_counter()
-        if self._prepared is None:
-            self._prepared = self._prepare()
         samples, settings, examples = self._prepared
         record, recall = evaluate(state.model, state.forward_backward, step=step,
                                   samples=samples, settings=settings, examples=examples)
