@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_prolong.config import Layout, ModelConfig, RunConfig
+from megatron_prolong.training.parallel import collective_device
 
 # Dense bf16 peak TFLOP/s per GPU (no sparsity), by a substring of torch.cuda.get_device_name.
 PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0}
@@ -166,9 +167,10 @@ class MetricsLogger:
         # This DP replica's work is shared by its tp*pp*cp GPUs; average over all GPUs.
         mp = self.layout.tp * self.layout.pp * self.layout.cp
         work = torch.tensor([training_flops(self.cfg.model, tokens, sumsq) / mp, tokens / mp],
-                            dtype=torch.float64)
+                            dtype=torch.float64, device=collective_device())
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(work)
+        work = work.cpu()
         world = self.layout.world_size
         iv = self.interval
         iv.steps += 1

@@ -61,6 +61,14 @@ def init_distributed(device: str = "auto", timeout_minutes: int = 30) -> Runtime
     return Runtime(dist.get_rank(), dist.get_world_size(), local_rank, dev, on_cpu)
 
 
+def collective_device() -> torch.device:
+    """Where a small tensor (a flag, a counter) must live for a collective on the default
+    group: NCCL reduces only CUDA tensors, gloo only CPU ones."""
+    if dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def init_model_parallel(layout: Layout, seed: int) -> None:
     """megatron-core's tensor/pipeline/context/data groups, then its per-group RNG streams."""
     if parallel_state.model_parallel_is_initialized():

@@ -65,7 +65,10 @@ class PreemptionFlag:
         import torch
         import torch.distributed as dist
 
-        flag = torch.tensor([1.0 if self.received is not None else 0.0])
+        from megatron_prolong.training.parallel import collective_device
+
+        flag = torch.tensor([1.0 if self.received is not None else 0.0],
+                            device=collective_device())
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
