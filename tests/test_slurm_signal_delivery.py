@@ -121,14 +121,26 @@ def test_signal_to_the_whole_group_in_the_middle_of_a_save(reference, tmp_path):
     assert _losses(run_dir) == reference
 
 
+def _catches(pid: int, sig: int) -> bool:
+    """Whether process `pid` has a handler installed for `sig` (Linux: SigCgt in /proc)."""
+    with open(f"/proc/{pid}/status") as f:
+        caught = next(int(line.split()[1], 16) for line in f if line.startswith("SigCgt:"))
+    return bool(caught & (1 << (sig - 1)))
+
+
 @pytest.mark.parametrize("moment", ["importing", "building the data"])
 def test_sigterm_during_start_up_exits_0_for_a_requeue(moment, tmp_path):
-    """Before the model exists (0.3 s in: Python is importing torch) or after (the demo corpus
+    """Before the model exists (Python is importing torch) or after (the demo corpus
     is being built): nothing to save, exit 0, and the `preempted` marker for the launcher."""
     run_dir = tmp_path / "run"
     proc = _start(run_dir)
     if moment == "importing":
-        time.sleep(0.3)
+        # as soon as the preemption handler is in place (the first lines of train.py), while
+        # torch and megatron-core are still being imported: the kernel shows it as caught
+        deadline = time.time() + 60
+        while not _catches(proc.pid, signal.SIGTERM):
+            assert time.time() < deadline and proc.poll() is None, _finish(proc)
+            time.sleep(0.001)
     else:
         deadline = time.time() + 300
         while not os.path.exists(run_dir / "demo_corpus"):
