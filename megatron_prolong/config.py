@@ -46,14 +46,17 @@ class ModelConfig:
     norm_epsilon: float = 1e-5
     init_method_std: float = 0.02
     # auto: Transformer Engine when importable on CUDA, else the project's document-masked
-    # attention (flash-attn varlen / PyTorch kernels on CUDA, SDPA per document on CPU).
+    # attention (FlexAttention / flash-attn / PyTorch kernels on CUDA, SDPA per document on CPU).
     attention_backend: str = "auto"  # auto | te | local
-    # Kernel of the local path (docs/performance.md). auto: flash-attn varlen, else PyTorch's
-    # varlen, else FlexAttention on CUDA in bf16/fp16; SDPA per document otherwise.
+    # Kernel of the local path (docs/performance.md). auto: FlexAttention, else flash-attn
+    # varlen, else PyTorch's varlen on CUDA in bf16/fp16; SDPA per document otherwise.
     local_attention_kernel: str = "auto"  # auto | flex | varlen | flash | sdpa
     # none | selective (core attention only) | full (whole layers, `recompute_num_layers` each)
     recompute: str = "none"
     recompute_num_layers: int = 1
+    # On CUDA, megatron-core's fused SwiGLU (one torch.compile'd kernel each way instead of
+    # chunk + silu + mul); TE's spec fuses it itself. CPU runs keep the plain PyTorch ops.
+    fused_swiglu: bool = True
 
     @property
     def kv_channels(self) -> int:

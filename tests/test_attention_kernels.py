@@ -167,6 +167,34 @@ def test_kernel_choice_on_cpu():
     assert resolve_kernel("auto", "cuda", torch.float32) == "sdpa"
 
 
+@pytest.mark.parametrize("missing,chosen", [((), "flex"), (("flex",), "flash"),
+                                            (("flex", "flash"), "varlen"),
+                                            (("flex", "flash", "varlen"), "sdpa")])
+def test_auto_kernel_order_on_cuda(monkeypatch, missing, chosen):
+    """auto on CUDA in bf16: FlexAttention first (fastest measured on an H100), then
+    flash-attn, then PyTorch's varlen; SDPA per document where none can run."""
+    monkeypatch.setattr(attention, "kernel_unavailable",
+                        lambda name, device, dtype: "absent" if name in missing else None)
+    attention.resolve_kernel.cache_clear()
+    try:
+        assert attention.resolve_kernel("auto", "cuda", torch.bfloat16) == chosen
+    finally:
+        attention.resolve_kernel.cache_clear()
+
+
+def test_grouped_keys_go_to_sdpa_unexpanded_and_equal_expanded(monkeypatch):
+    """The per-document kernel hands grouped K/V to SDPA (enable_gqa) and gets what expanding
+    them gives."""
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(50, 8, 16, generator=g)
+    k, v = torch.randn(50, 2, 16, generator=g), torch.randn(50, 2, 16, generator=g)
+    cu = torch.tensor([0, 20, 21, 50], dtype=torch.int32)
+    got = attention_per_document(q, k, v, cu, 0.25)
+    monkeypatch.setattr(attention, "_sdpa_has_gqa", lambda: False)
+    expanded = attention_per_document(q, k, v, cu, 0.25)
+    assert torch.allclose(got, expanded, atol=1e-6)
+
+
 def test_explicit_sdpa_kernel_is_the_per_document_kernel():
     lengths = [37, 90, 1]
     q, k, v = _qkv(sum(lengths), 4, 2, 8, seed=1)

@@ -69,9 +69,19 @@ def test_hf_peer_document_masking_on_cuda(attention):
     reason = peer.unavailable(attention, "cuda", 320)
     if reason:
         pytest.skip(reason)
-    masked, unmasked = peer_hidden_packed_vs_alone(
-        peer, attention, "cuda", lambda: torch.autocast("cuda", dtype=torch.bfloat16))
-    assert masked <= 5e-2 < unmasked
+    from contextlib import nullcontext
+
+    # fp32 (no autocast; the flex kernel computes in IEEE fp32): the packed row must equal its
+    # documents run alone up to rounding, and differ from the row read as one document.
+    masked, unmasked = peer_hidden_packed_vs_alone(peer, attention, "cuda", nullcontext)
+    assert masked <= 1e-3 and unmasked > 1.0, (masked, unmasked)
+    # bf16 autocast, as the benchmark trains: documents still separate (packed vs alone far
+    # below packed vs one document). Measured on an H100 (torch 2.11, transformers 5.17): flex
+    # 0.156 against 4.72 unmasked, while the exact dense mask (sdpa) gives 0.021 under the same
+    # autocast; hence a bound relative to the unmasked difference, not to sdpa's rounding.
+    bf16 = lambda: torch.autocast("cuda", dtype=torch.bfloat16)  # noqa: E731
+    masked, unmasked = peer_hidden_packed_vs_alone(peer, attention, "cuda", bf16)
+    assert masked <= 0.1 * unmasked, (masked, unmasked)
 
 
 def test_hf_peer_trains_on_cuda(tmp_path):

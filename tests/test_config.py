@@ -90,3 +90,15 @@ def test_sequence_parallel_needs_transformer_engine(megatron_single_process):
     cfg = load_config(None, ["model.preset=tiny", "parallel.sequence_parallel=true"])
     with pytest.raises(ConfigError, match="parallel.sequence_parallel=true: needs the Transformer"):
         build_llama(cfg.model, cfg.parallel, on_cpu=True, use_te=False)
+
+
+def test_fused_swiglu_only_off_the_cpu():
+    """megatron's compiled SwiGLU on CUDA runs (model.fused_swiglu, default on); CPU runs keep
+    the plain ops; TE's spec always fuses."""
+    from megatron_prolong.model.llama import to_transformer_config
+
+    cfg = load_config(None, ["model.preset=tiny"])
+    fused = lambda **kw: to_transformer_config(cfg.model, cfg.parallel, **kw).bias_activation_fusion  # noqa: E731
+    assert fused(on_cpu=False) and not fused(on_cpu=True) and fused(on_cpu=True, use_te=True)
+    cfg = load_config(None, ["model.preset=tiny", "model.fused_swiglu=false"])
+    assert not fused(on_cpu=False)

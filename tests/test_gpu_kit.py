@@ -58,6 +58,30 @@ def test_pytest_summary_line():
            "170 deselected, 1 error in 12.3s\n"
     assert kit.pytest_summary(text) == dict(passed=3, failed=1, skipped=2, deselected=170,
                                             error=1)
+    # what a CUDA run printed on an H100: NCCL's teardown warning after pytest's summary
+    text = ("1 failed, 9 passed, 8 skipped, 330 deselected, 2 warnings in 79.81s (0:01:19)\n"
+            "[rank0]:[W1122 16:59:43 ProcessGroupNCCL.cpp:1575] Warning: WARNING: "
+            "destroy_process_group() was not called before program exit\n")
+    assert kit.pytest_summary(text) == dict(failed=1, passed=9, skipped=8, deselected=330)
+
+
+def test_attention_variants_script(capsys):
+    """tools/gpu_kit/explore_attention.py: its per-document SDPA variants (grouped or expanded
+    K/V) equal the reference on CPU; it refuses to run without CUDA."""
+    import torch
+    from torch.nn.attention import SDPBackend
+
+    explore = _kit_module("explore_attention")
+    bench = load_tool("bench_attention")
+    ns = bench.parse_args(["--tiny"])
+    assert set(explore.variants(ns)) >= {"flex", "varlen", "sdpa-cudnn", "sdpa-cudnn-gqa"}
+    for gqa in (False, True):
+        fn = explore._sdpa(ns.head_dim ** -0.5, SDPBackend.MATH, gqa=gqa)
+        result = bench.check(fn, ns, [100, 1, 183, 100], seed=2)
+        assert result["passed"] and max(result["rel_error"].values()) < 1e-5, result
+    if not torch.cuda.is_available():
+        assert explore.main([]) == 2
+        assert "needs CUDA" in capsys.readouterr().err
 
 
 def test_stage_loop_records_failures_and_defers_what_does_not_fit(tmp_path, monkeypatch):

@@ -13,7 +13,7 @@ Kernels (`model.local_attention_kernel`, resolved once per dtype and device):
 - flex: FlexAttention with a document BlockMask built from cu_seqlens, torch.compile'd (CUDA).
   Tests run the same mask uncompiled on CPU (exact arithmetic over [heads, t, t] scores).
 - sdpa: scaled-dot-product attention per document (exact; any device and dtype).
-- auto: on CUDA in bf16/fp16 the first of flash, varlen, flex that is available; else sdpa.
+- auto: on CUDA in bf16/fp16 the first of flex, flash, varlen that is available; else sdpa.
 None of them builds a dense [t, t] mask on the GPU.
 
 Context parallelism (cp > 1): Ulysses. Each CP rank holds megatron's load-balanced slice of the
@@ -50,17 +50,32 @@ def _expand_groups(x: torch.Tensor, heads: int) -> torch.Tensor:
     return x if groups == heads else x.repeat_interleave(heads // groups, dim=-2)
 
 
+def _sdpa_has_gqa() -> bool:
+    # SDPA's enable_gqa arrived in PyTorch 2.5 (a builtin: no signature to inspect)
+    return torch.torch_version.TorchVersion(torch.__version__) >= (2, 5)
+
+
 def attention_per_document(q, k, v, cu_seqlens: torch.Tensor, scale: float) -> torch.Tensor:
-    """Causal SDPA on each [start, end) span of the packed row: exact, memory O(max doc^2)."""
+    """Causal SDPA on each [start, end) span of the packed row: exact, memory O(max doc^2).
+    On CUDA SDPA picks cuDNN's fused kernel for long documents (the fastest measured on an
+    H100 for rows of a few long documents: docs/performance.md); grouped K/V go in as they are
+    (enable_gqa) rather than expanded."""
     heads = q.shape[1]
-    k, v = _expand_groups(k, heads), _expand_groups(v, heads)
+    gqa = {}
+    if k.shape[1] != heads:
+        # only the fused half-precision CUDA kernels take grouped K/V; elsewhere enable_gqa
+        # falls back to SDPA's math kernel, [heads, L, L] scores (74 GiB at 64K in fp32)
+        if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and _sdpa_has_gqa():
+            gqa = {"enable_gqa": True}
+        else:
+            k, v = _expand_groups(k, heads), _expand_groups(v, heads)
     out = torch.empty_like(q)
     bounds = cu_seqlens.tolist()
     for start, end in zip(bounds[:-1], bounds[1:]):
         if end <= start:
             continue
         qd, kd, vd = (x[start:end].transpose(0, 1).unsqueeze(0) for x in (q, k, v))
-        od = F.scaled_dot_product_attention(qd, kd, vd, is_causal=True, scale=scale)
+        od = F.scaled_dot_product_attention(qd, kd, vd, is_causal=True, scale=scale, **gqa)
         out[start:end] = od.squeeze(0).transpose(0, 1)
     return out
 
@@ -172,6 +187,13 @@ _last_block_mask = _LastBlockMask()
 @functools.lru_cache(maxsize=1)
 def _compiled_flex_attention():
     # One compiled kernel for every layer and row of a fixed length; new BlockMasks are inputs.
+    # Each further row length (evaluation lengths, say) compiles once more; past dynamo's
+    # recompile limit (8 by default) it would run flex eagerly, materializing [heads, t, t]
+    # scores (out of memory at 64K), so the limit is raised to cover many lengths.
+    config = torch._dynamo.config
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(config, name):
+            setattr(config, name, max(getattr(config, name), 64))
     return torch.compile(_flex_module().flex_attention, dynamic=False)
 
 
@@ -225,7 +247,9 @@ def resolve_kernel(requested: str, device_type: str, dtype: torch.dtype) -> str:
     that cannot run here is a ConfigError (exit status 2), never a silent substitute."""
     if requested == "auto":
         if device_type == "cuda" and dtype in HALF:
-            for name in ("flash", "varlen", "flex"):
+            # FlexAttention first: on an H100 it beat FlashAttention-2-class varlen kernels
+            # by 9% tokens/s in training at 64K (docs/performance.md).
+            for name in ("flex", "flash", "varlen"):
                 if kernel_unavailable(name, device_type, dtype) is None:
                     return name
         return "sdpa"

@@ -79,8 +79,9 @@ def to_transformer_config(
         # Losses are sums over tokens divided by the global token count (document-masked
         # packed batches have varying loss-token counts; SFT needs token-scaled loss).
         calculate_per_token_loss=True,
-        # Fusions need CUDA kernels (apex/TE); the CPU path runs the plain PyTorch versions.
-        bias_activation_fusion=use_te,
+        # SwiGLU's fusion is megatron's torch.compile'd kernel: any CUDA run (measured in
+        # docs/performance.md). The others need apex/TE kernels; CPU runs use plain PyTorch.
+        bias_activation_fusion=use_te or (model.fused_swiglu and not on_cpu),
         masked_softmax_fusion=False,
         persist_layer_norm=False,
         gradient_accumulation_fusion=False,

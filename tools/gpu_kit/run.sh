@@ -8,6 +8,9 @@
 set -uo pipefail
 cd "$(dirname "$0")/../.." || exit 2
 export PYTHONUNBUFFERED=1 PIP_ROOT_USER_ACTION=ignore PIP_DISABLE_PIP_VERSION_CHECK=1
+# 64K rows leave little free memory beside Adam state: growable segments keep the caching
+# allocator from failing on fragmentation (ours and the HF peer alike).
+export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}
 site=${KIT_SITE:-/tmp/site}
 wheels=(.whl/*.whl)
 if [ -e "${wheels[0]}" ]; then
