@@ -152,8 +152,11 @@ def _build_demo(cfg: RunConfig, rank: int):
     from megatron_prolong.data.demo_corpus import build_demo_corpus
 
     out_dir = demo_corpus_dir(cfg)
-    # Rank 0 writes the corpus; the others wait and then read the same files.
-    domains = build_demo_corpus(out_dir, seed=cfg.training.seed) if rank == 0 else None
+    # Rank 0 writes the corpus; the others wait and then read the same files. A failure on
+    # rank 0 (a full disk, say) reaches every rank at once instead of leaving them in the
+    # broadcast until the process-group timeout.
+    domains = on_all_ranks(
+        lambda: build_demo_corpus(out_dir, seed=cfg.training.seed) if rank == 0 else None)
     if dist.is_initialized():
         holder = [domains]
         dist.broadcast_object_list(holder, src=0)
