@@ -16,7 +16,9 @@
 # TASKS_PER_NODE (srun tasks per node; default GPUS_PER_NODE, 8), DEVICE (cuda | cpu: adds
 # training.device=...; cpu runs the tasks as CPU processes over gloo), GPU_KIND (h100|h200, for
 # the dry run), MASTER_PORT (default: derived from the job id), EXTRA_OVERRIDES (more key=value,
-# applied last), DRY_RUN_ONLY=1 (validate the settings and stop; works without Slurm).
+# applied last), DRY_RUN_ONLY=1 (validate the settings and stop; works without Slurm),
+# MAX_REQUEUES_WITHOUT_PROGRESS (default 5: requeues in a row with no new checkpoint before the
+# job stops requeueing itself and exits 3).
 # CPU smoke test of a launch: docs/training.md, "Slurm".
 
 set -euo pipefail
@@ -56,6 +58,15 @@ on_preemption_signal() {
     fi
 }
 
+# What a requeue must have moved to count as progress: the newest checkpoint and the step the
+# last preemption stopped at.
+progress_key() {
+    local latest step
+    latest=$(cat "${RUN_DIR}/checkpoints/latest" 2>/dev/null || true)
+    step=$(sed -n 's/^step \([0-9]*\) .*/\1/p' "${RUN_DIR}/preempted" 2>/dev/null || true)
+    echo "checkpoint=${latest:-none},step=${step:-none}"
+}
+
 requeue() {
     # A cancelled job (scancel: SIGTERM, the job already ending) stays cancelled; a running one,
     # or one at its time limit, is requeued.
@@ -66,6 +77,27 @@ requeue() {
         echo "[$(stamp)] $1; job ${SLURM_JOB_ID} is ${state#JobState=} (cancelled): not requeueing"
         return 0
     fi
+    # Requeues that bring no progress (a --time shorter than the --signal lead signals every run
+    # at once) stop after MAX_REQUEUES_WITHOUT_PROGRESS in a row instead of looping forever.
+    local key count=1 old_key="" old_count=0 limit=${MAX_REQUEUES_WITHOUT_PROGRESS:-5}
+    local state_file="${RUN_DIR}/requeues_without_progress"
+    key=$(progress_key)
+    if [[ -f ${state_file} ]]; then
+        read -r old_key old_count < "${state_file}" || true
+        if [[ ${old_key} == "${key}" ]]; then
+            count=$((old_count + 1))
+        fi
+    fi
+    if (( count > limit )); then
+        echo "[$(stamp)] error: $1, but ${limit} requeues in a row brought no new checkpoint" \
+            "(${key}): not requeueing job ${SLURM_JOB_ID}. A --time shorter than the --signal" \
+            "lead signals every run at once: raise --time (or MAX_REQUEUES_WITHOUT_PROGRESS)" \
+            "and resubmit; the run resumes from its last checkpoint." >&2
+        rm -f "${state_file}"
+        return 3
+    fi
+    mkdir -p "${RUN_DIR}"
+    echo "${key} ${count}" > "${state_file}"
     echo "[$(stamp)] $1; requeueing job ${SLURM_JOB_ID} to resume"
     scontrol requeue "${SLURM_JOB_ID}"
 }
@@ -95,7 +127,7 @@ prolong_train() {
     fi
     if [[ ${PREEMPTED} == 1 ]]; then
         requeue "preempted before the training step started"
-        return 0
+        return
     fi
 
     MASTER_ADDR=$(scontrol show hostnames "${SLURM_JOB_NODELIST}" | head -n 1)
@@ -117,7 +149,8 @@ prolong_train() {
     done
     # The ranks write RUN_DIR/preempted when they stopped for a signal, whoever sent it.
     if [[ ${rc} == 0 && (${PREEMPTED} == 1 || -f ${RUN_DIR}/preempted) ]]; then
-        requeue "checkpoint saved ($(cat "${RUN_DIR}/preempted" 2>/dev/null || echo "no marker"))"
+        requeue "checkpoint saved ($(cat "${RUN_DIR}/preempted" 2>/dev/null || echo "no marker"))" \
+            || return
     fi
     return "${rc}"
 }

@@ -78,3 +78,38 @@ def test_cpu_smoke_settings_pass_the_dry_run_as_cpu_processes(script, tmp_path):
     assert "on 1 node(s) x 2 CPU processes = 2 processes" in out.stdout
     assert "TP=2 PP=1 CP=1 DP=1" in out.stdout and theta in out.stdout
     assert "H100" not in out.stdout
+
+
+def test_requeues_without_progress_stop(tmp_path):
+    """A job whose runs never get further (a --time shorter than the --signal lead signals each
+    one at once) requeues itself MAX_REQUEUES_WITHOUT_PROGRESS times in a row, then exits 3 with
+    the reason; a new checkpoint or a later preemption step counts as progress."""
+    bin_dir, run_dir = tmp_path / "bin", tmp_path / "run"
+    bin_dir.mkdir()
+    calls = tmp_path / "requeued"
+    scontrol = bin_dir / "scontrol"  # a running job; `requeue` is recorded
+    scontrol.write_text('#!/bin/bash\nif [[ $1 == show ]]; then echo "JobId=7 JobState=RUNNING"; '
+                        f'else echo "$@" >> {calls}; fi\n')
+    scontrol.chmod(0o755)
+
+    def requeue(limit=2):
+        env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "RUN_DIR": str(run_dir),
+               "SLURM_JOB_ID": "7", "REPO_DIR": REPO, "MAX_REQUEUES_WITHOUT_PROGRESS": str(limit)}
+        return subprocess.run(["bash", "-c", 'source slurm/common.sh; requeue "preempted"'],
+                              cwd=REPO, env=env, capture_output=True, text=True)
+
+    def requeued():
+        return calls.read_text().count("requeue 7") if calls.exists() else 0
+
+    assert [requeue().returncode for _ in range(2)] == [0, 0] and requeued() == 2
+    stopped = requeue()
+    assert stopped.returncode == 3 and requeued() == 2
+    assert "2 requeues in a row brought no new checkpoint" in stopped.stderr
+    assert "raise --time" in stopped.stderr
+    # progress: a checkpoint, then a preemption at a later step, each allow requeues again
+    (run_dir / "checkpoints").mkdir(parents=True)
+    (run_dir / "checkpoints" / "latest").write_text("iter_0000010")
+    assert requeue().returncode == 0 and requeued() == 3
+    (run_dir / "preempted").write_text("step 12 signal SIGUSR1 time T resume from x\n")
+    assert requeue().returncode == 0 and requeue().returncode == 0 and requeued() == 5
+    assert requeue().returncode == 3
