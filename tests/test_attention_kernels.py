@@ -189,10 +189,11 @@ def test_grouped_keys_go_to_sdpa_unexpanded_and_equal_expanded(monkeypatch):
     q = torch.randn(50, 8, 16, generator=g)
     k, v = torch.randn(50, 2, 16, generator=g), torch.randn(50, 2, 16, generator=g)
     cu = torch.tensor([0, 20, 21, 50], dtype=torch.int32)
-    got = attention_per_document(q, k, v, cu, 0.25)
-    monkeypatch.setattr(attention, "_sdpa_has_gqa", lambda: False)
+    assert not attention._sdpa_takes_grouped_kv(q)  # CPU (and fp32 anywhere): expanded
     expanded = attention_per_document(q, k, v, cu, 0.25)
-    assert torch.allclose(got, expanded, atol=1e-6)
+    monkeypatch.setattr(attention, "_sdpa_takes_grouped_kv", lambda q: True)
+    grouped = attention_per_document(q, k, v, cu, 0.25)
+    assert torch.allclose(grouped, expanded, atol=1e-6)
 
 
 def test_explicit_sdpa_kernel_is_the_per_document_kernel():

@@ -50,9 +50,10 @@ def _expand_groups(x: torch.Tensor, heads: int) -> torch.Tensor:
     return x if groups == heads else x.repeat_interleave(heads // groups, dim=-2)
 
 
-def _sdpa_has_gqa() -> bool:
-    # SDPA's enable_gqa arrived in PyTorch 2.5 (a builtin: no signature to inspect)
-    return torch.torch_version.TorchVersion(torch.__version__) >= (2, 5)
+def _sdpa_takes_grouped_kv(q: torch.Tensor) -> bool:
+    # Only SDPA's fused half-precision CUDA kernels take grouped K/V (enable_gqa); elsewhere
+    # it falls back to the math kernel, [heads, L, L] scores (74 GiB at 64K in fp32).
+    return q.is_cuda and q.dtype in HALF
 
 
 def attention_per_document(q, k, v, cu_seqlens: torch.Tensor, scale: float) -> torch.Tensor:
@@ -63,9 +64,7 @@ def attention_per_document(q, k, v, cu_seqlens: torch.Tensor, scale: float) -> t
     heads = q.shape[1]
     gqa = {}
     if k.shape[1] != heads:
-        # only the fused half-precision CUDA kernels take grouped K/V; elsewhere enable_gqa
-        # falls back to SDPA's math kernel, [heads, L, L] scores (74 GiB at 64K in fp32)
-        if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and _sdpa_has_gqa():
+        if _sdpa_takes_grouped_kv(q):
             gqa = {"enable_gqa": True}
         else:
             k, v = _expand_groups(k, heads), _expand_groups(v, heads)

@@ -23,7 +23,7 @@ from typing import Optional
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
-sys.path.insert(0, os.path.join(os.path.dirname(HERE), ".."))
+sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))
 
 import torch  # noqa: E402
 
@@ -47,23 +47,17 @@ def _flex(scale: float, mode: Optional[str] = None, kernel_options: Optional[dic
 
 
 def _sdpa(scale: float, backend, gqa: bool):
-    import torch.nn.functional as F
+    """The project's SDPA per document, forced onto `backend`; K/V expanded unless `gqa`
+    (grouped K/V reach SDPA only where attention_per_document passes them: CUDA, bf16/fp16)."""
     from torch.nn.attention import sdpa_kernel
 
+    from megatron_prolong.model.attention import _expand_groups, attention_per_document
+
     def fn(q, k, v, cu, max_seqlen):
-        heads = q.shape[1]
         if not gqa:
-            k, v = (x.repeat_interleave(heads // x.shape[1], dim=1) for x in (k, v))
-        pieces = []
-        bounds = cu.tolist()
+            k, v = _expand_groups(k, q.shape[1]), _expand_groups(v, q.shape[1])
         with sdpa_kernel([backend]):
-            for start, end in zip(bounds[:-1], bounds[1:]):
-                qd, kd, vd = (x[start:end].transpose(0, 1).unsqueeze(0) for x in (q, k, v))
-                extra = {"enable_gqa": True} if gqa else {}
-                od = F.scaled_dot_product_attention(qd, kd, vd, is_causal=True, scale=scale,
-                                                    **extra)
-                pieces.append(od.squeeze(0).transpose(0, 1))
-        return torch.cat(pieces)
+            return attention_per_document(q, k, v, cu, scale)
 
     return fn
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import importlib.util
 import json
 import os
 import re
@@ -137,8 +138,6 @@ def stage_command(stage: str, ns, parts: str) -> list[str]:
     if stage == "env":
         return [py, os.path.abspath(__file__), parts, "--probe"] + tiny
     if stage == "tests":
-        import importlib.util
-
         # one hung test (a collective, a compile) must not take the whole stage's time
         per_test = (["--timeout=150"]
                     if importlib.util.find_spec("pytest_timeout") else [])
