@@ -16,6 +16,8 @@ from typing import Any, Optional
 
 import yaml
 
+from megatron_prolong.atomic_file import write_text_atomically
+
 
 class ConfigError(ValueError):
     """A configuration that cannot run; the message names the field, the rule and the fix."""
@@ -396,10 +398,7 @@ def to_dict(cfg: RunConfig) -> dict:
 def save_config(cfg: RunConfig, path: str) -> None:
     """Write the fully resolved configuration (presets and overrides applied) as YAML."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        yaml.safe_dump(to_dict(cfg), f, sort_keys=False)
-    os.replace(tmp, path)
+    write_text_atomically(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ from typing import Optional
 
 import torch
 
+from megatron_prolong.atomic_file import write_text_atomically
 from megatron_prolong.config import RunConfig
 from megatron_prolong.training.metrics import microbatch_work, peak_tflops, training_flops
 
@@ -144,10 +145,7 @@ def write_json(path: Optional[str], obj) -> None:
     if not path:
         return
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1, default=str)
-    os.replace(tmp, path)
+    write_text_atomically(path, json.dumps(obj, indent=1, default=str))
 
 
 class StepProfiler:

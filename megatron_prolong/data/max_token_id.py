@@ -21,6 +21,7 @@ from typing import Optional
 
 import numpy as np
 
+from ..atomic_file import write_text_atomically
 from .indexed import DataFileError, get_bin_path, read_index
 
 CACHE_SUFFIX = ".max_token_id.json"
@@ -61,10 +62,7 @@ def _write_cache(prefix: str, stamp: dict, value: int) -> None:
     for path in _cache_paths(prefix):
         try:
             os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-            tmp = f"{path}.tmp-{os.getpid()}"
-            with open(tmp, "w") as f:
-                json.dump({"max_token_id": value, **stamp}, f)
-            os.replace(tmp, path)
+            write_text_atomically(path, json.dumps({"max_token_id": value, **stamp}))
             return
         except OSError:
             continue  # read-only dataset directory: try the user cache; else do without

@@ -26,6 +26,7 @@ from typing import Callable, Optional
 import numpy as np
 import yaml
 
+from ..atomic_file import write_text_atomically
 from .config import effective_min_doc_length, load_mixture
 from .indexed import IndexedWriter
 from .mds import MDSFormatError, Shard, find_streams, iter_shard, read_index
@@ -288,7 +289,4 @@ def _write_mixture(output_dir: str, stats: dict) -> None:
                              "needed.\n" + yaml.safe_dump(mixture, sort_keys=False),
              "import_stats.json": json.dumps(stats, indent=2)}
     for fname, text in texts.items():
-        path = os.path.join(output_dir, fname)
-        with open(path + ".tmp", "w") as f:
-            f.write(text)
-        os.replace(path + ".tmp", path)
+        write_text_atomically(os.path.join(output_dir, fname), text)

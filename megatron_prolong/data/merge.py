@@ -16,6 +16,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from ..atomic_file import write_text_atomically
 from . import shards
 from .indexed import (MASK_SUFFIX, _tmp_prefix, get_bin_path, get_idx_path, publish,
                       read_index, remove_pairs, write_index)
@@ -178,10 +179,8 @@ def merge_datasets(inputs: Sequence[str], output_prefix: str, force: bool = Fals
     out = merge_stats(stats) if len(stats) == len(inputs) else {"docs_kept": n_docs}
     out["output_prefix"] = output_prefix
     out["inputs"] = list(inputs)
-    tmp_stats = f"{tmp}.stats.json"
-    with open(tmp_stats, "w") as f:
-        json.dump(out, f, indent=2)
-    os.replace(tmp_stats, output_prefix + ".stats.json")
+    write_text_atomically(output_prefix + ".stats.json", json.dumps(out, indent=2),
+                          tmp=f"{tmp}.stats.json")
     shards.write_marker(output_prefix, fingerprint, {"merged": list(inputs)})
     return out
 

@@ -26,6 +26,7 @@ from typing import Any, Iterator, Optional
 
 import numpy as np
 
+from ..atomic_file import write_text_atomically
 from . import shards
 from .chat import ChatFormatError, render_chat
 from .indexed import IndexedWriter
@@ -396,11 +397,9 @@ def preprocess(cfg: PreprocessConfig) -> dict:
     if spec is not None:
         out["shard"] = {"index": spec.index, "count": spec.count, "files_read": len(files),
                         "assignment": "group-hash" if cfg.group_key else "file-range"}
-    tmp = (prefix + f".tmp-{os.getpid()}.stats.json" if cfg.stats_path is None
-           else stats_path + f".tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        json.dump(out, f, indent=2)
-    os.replace(tmp, stats_path)
+    write_text_atomically(stats_path, json.dumps(out, indent=2),
+                          tmp=prefix + f".tmp-{os.getpid()}.stats.json" if cfg.stats_path is None
+                          else None)
     shards.write_marker(prefix, done, {"job": job, "stats": os.path.abspath(stats_path)})
     return out
 

@@ -26,6 +26,8 @@ import os
 import re
 from typing import Optional
 
+from ..atomic_file import write_text_atomically
+
 DONE_SUFFIX = ".done"
 ORDER_SUFFIX = ".order.npy"  # grouped shards: first input position of each kept document
 _TMP_RE = re.compile(r"\.tmp-\d+(\.|$)")
@@ -121,10 +123,8 @@ def is_complete(prefix: str, job_fingerprint: Optional[str] = None) -> bool:
 def write_marker(prefix: str, job_fingerprint: str, extra: Optional[dict] = None) -> None:
     marker = {"fingerprint": job_fingerprint,
               "files": {p: os.path.getsize(p) for p in output_files(prefix)}, **(extra or {})}
-    tmp = prefix + f".tmp-{os.getpid()}{DONE_SUFFIX}"
-    with open(tmp, "w") as f:
-        json.dump(marker, f, indent=2)
-    os.replace(tmp, prefix + DONE_SUFFIX)
+    write_text_atomically(prefix + DONE_SUFFIX, json.dumps(marker, indent=2),
+                          tmp=prefix + f".tmp-{os.getpid()}{DONE_SUFFIX}")
 
 
 def start_over(prefix: str) -> None:

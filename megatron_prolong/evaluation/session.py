@@ -13,6 +13,7 @@ import json
 import os
 from typing import Callable, Optional
 
+from megatron_prolong.atomic_file import write_text_atomically
 from megatron_prolong.evaluation import plots
 from megatron_prolong.evaluation.recall import recall_records, score_examples, summarize
 from megatron_prolong.evaluation.report import eval_record
@@ -40,9 +41,7 @@ def write_results(directory: str, name: str, record: dict, recall: Optional[dict
     os.makedirs(directory, exist_ok=True)
     path = os.path.join(directory, f"{name}.json")
     document = dict(record, examples=(recall or {}).get("examples", []))
-    with open(path + ".tmp", "w") as f:
-        json.dump(document, f, indent=1)
-    os.replace(path + ".tmp", path)
+    write_text_atomically(path, json.dumps(document, indent=1))
     written = [path]
     if make_plots and not plots.matplotlib_available():
         _say_once("no PNG written: matplotlib is not installed (pip install -e '.[plots]')")

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from megatron_prolong.atomic_file import write_text_atomically
 from megatron_prolong.config import Layout, ModelConfig, RunConfig
 from megatron_prolong.training.parallel import collective_device
 
@@ -117,10 +118,7 @@ def cut_metrics_after(path: str, step: int) -> None:
             else:
                 dropped += 1
     if dropped:
-        tmp = path + ".tmp"
-        with open(tmp, "w") as f:
-            f.writelines(kept)
-        os.replace(tmp, path)
+        write_text_atomically(path, "".join(kept))
 
 
 @dataclass

@@ -23,6 +23,8 @@ import signal
 import time
 from typing import Iterator, Optional
 
+from megatron_prolong.atomic_file import write_text_atomically
+
 PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 # Left in run_dir by a run that stopped for preemption (the launcher requeues on it); the next
 # launch of the run removes it.
@@ -99,10 +101,9 @@ def write_preempted_marker(run_dir: str, step: int, signal_name: str,
     """Rank 0: tell the launcher this run stopped for preemption and should be relaunched."""
     os.makedirs(run_dir, exist_ok=True)
     path = os.path.join(run_dir, PREEMPTED_MARKER)
-    with open(path + ".tmp", "w") as f:
-        f.write(f"step {step} signal {signal_name} time {time.strftime('%Y-%m-%dT%H:%M:%S')} "
-                f"resume from {checkpoint or '(the run start)'}\n")
-    os.replace(path + ".tmp", path)
+    write_text_atomically(path, f"step {step} signal {signal_name} time "
+                                f"{time.strftime('%Y-%m-%dT%H:%M:%S')} resume from "
+                                f"{checkpoint or '(the run start)'}\n")
 
 
 def clear_preempted_marker(run_dir: str) -> None:
