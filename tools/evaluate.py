@@ -51,7 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--all-steps", action="store_true",
                    help="every checkpoint of the run directory, for a history chart")
     p.add_argument("--tokenizer", help="byte | llama3 | sentencepiece | hf (default: the run's "
-                   "data tokenizer; for --hf, DIR's tokenizer.json)")
+                   "data tokenizer; for --hf, DIR's tokenizer.json, not needed with "
+                   "--examples-file)")
     p.add_argument("--tokenizer-path", help="the tokenizer's model file or directory")
     p.add_argument("--dtype", choices=("fp32", "bf16"), default=None,
                    help="compute precision (default: the run's; fp32 for --hf)")
@@ -132,19 +133,33 @@ def evaluate_hf(args) -> int:
     import torch
 
     from megatron_prolong.config import load_config
-    from megatron_prolong.data.tokenizer import build_tokenizer
+    from megatron_prolong.convert.directories import require_hf_directory
     from megatron_prolong.evaluation.hf_reference import (hf_score_examples, hf_validation,
                                                           load_hf_model)
     from megatron_prolong.evaluation.recall import recall_records, summarize
     from megatron_prolong.evaluation.report import eval_record
 
+    # Checked here, before transformers is asked: a path that is not a local HF directory
+    # would otherwise be tried as a hub repository name.
+    require_hf_directory(args.hf, "--hf", "evaluate it with `tools/evaluate.py --checkpoint "
+                         f"{args.hf}`, or export it with `tools/convert.py mcore-to-hf`")
     cfg = load_config(args.config, args.overrides) if args.config else None
-    kind = args.tokenizer or "hf"
-    path = args.tokenizer_path or (args.hf if kind == "hf" else None)
-    tokenizer = build_tokenizer(kind, path)
-    model = load_hf_model(args.hf, torch.bfloat16 if args.dtype == "bf16" else torch.float32,
-                          "cuda" if torch.cuda.is_available() else "cpu")
+    tokenizer = hf_tokenizer(args)
+    os.environ["HF_HUB_OFFLINE"] = "1"  # a local directory: nothing to ask the hub
+    try:
+        model = load_hf_model(args.hf, torch.bfloat16 if args.dtype == "bf16" else torch.float32,
+                              "cuda" if torch.cuda.is_available() else "cpu")
+    except OSError as exc:  # transformers' word for weights or files it cannot find or read
+        raise ValueError(f"--hf {args.hf}: transformers cannot load it: "
+                         + " ".join(str(exc).split())) from None
+    vocab = model.get_input_embeddings().weight.shape[0]
+    if tokenizer is not None and tokenizer.vocab_size > vocab:
+        raise ValueError(f"tokenizer {tokenizer.name} has {tokenizer.vocab_size} ids but the "
+                         f"model in {args.hf} has only {vocab} embedding rows: ids would index "
+                         "past the embedding. Use the model's own tokenizer (--tokenizer hf "
+                         "--tokenizer-path DIR)")
     examples = make_examples(args, cfg, tokenizer)
+    check_example_ids(examples, vocab, args.examples_file or "the generated examples")
     recall = None
     if examples:
         scores = hf_score_examples(model, examples, Progress("recall", True))
@@ -160,6 +175,36 @@ def evaluate_hf(args) -> int:
     finish(args, "results", eval_record(None, validation, recall), recall, out,
            title=os.path.basename(os.path.normpath(args.hf)))
     return 0
+
+
+def hf_tokenizer(args):
+    """--tokenizer, else DIR's tokenizer.json; None when an --examples-file (token ids) needs
+    none and DIR has none (an export written without --tokenizer-dir)."""
+    from megatron_prolong.data.tokenizer import build_tokenizer
+
+    if args.tokenizer:
+        return build_tokenizer(args.tokenizer, args.tokenizer_path)
+    path = args.tokenizer_path or args.hf
+    found = os.path.isfile(os.path.join(path, "tokenizer.json")) if os.path.isdir(path) \
+        else os.path.isfile(path)
+    if not found and args.examples_file:
+        return None
+    if not found:
+        raise ValueError(f"--hf {args.hf}: no tokenizer.json to generate recall examples with; "
+                         "pass --tokenizer KIND --tokenizer-path PATH, or --examples-file with "
+                         "token ids (e.g. written by --save-examples), or export with "
+                         "`tools/convert.py mcore-to-hf --tokenizer-dir DIR`")
+    return build_tokenizer("hf", path)
+
+
+def check_example_ids(examples, vocab: int, where: str) -> None:
+    """Token ids the model's embedding cannot look up: refuse by name, not IndexError."""
+    for ex in examples:
+        bad = next((i for i in ex.prompt_ids + ex.answer_ids if not 0 <= i < vocab), None)
+        if bad is not None:
+            raise ValueError(f"{where}: example {ex.task} #{ex.index} holds token id {bad}, "
+                             f"outside the model's embedding of {vocab} rows; the examples were "
+                             "made with another tokenizer")
 
 
 def validation_rows(cfg, rank: int, layout=None):
@@ -196,6 +241,7 @@ def evaluate_megatron(args) -> int:
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     from megatron_prolong.config import load_config, validate
+    from megatron_prolong.convert.directories import require_megatron_checkpoint
     from megatron_prolong.convert.mcore_to_hf import find_model_config
     from megatron_prolong.data.tokenizer import build_tokenizer, check_tokenizer_matches_model
     from megatron_prolong.evaluation.session import evaluate
@@ -205,6 +251,8 @@ def evaluate_megatron(args) -> int:
                                                     init_model_parallel)
     from megatron_prolong.training.step import build_model_chunks
 
+    require_megatron_checkpoint(args.checkpoint, "--checkpoint", "evaluate it with "
+                                f"`tools/evaluate.py --hf {args.checkpoint}`")
     checkpoints = checkpoints_to_evaluate(args.checkpoint, args.all_steps)
     config_path = args.config or find_model_config(checkpoints[-1])
     overrides = list(args.overrides) + ([f"training.precision={args.dtype}"] if args.dtype else [])
@@ -222,6 +270,8 @@ def evaluate_megatron(args) -> int:
         else:
             tokenizer = run_tokenizer(cfg)
         examples = make_examples(args, cfg, tokenizer, runtime.rank)
+        check_example_ids(examples, cfg.model.vocab_size,
+                          args.examples_file or "the generated examples")
         samples, settings = (validation_rows(cfg, runtime.rank, layout) if args.validation
                              else ([], None))
         chunks = build_model_chunks(cfg, runtime, wrap_ddp=False)
