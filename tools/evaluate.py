@@ -3,9 +3,11 @@
 
   megatron checkpoint  a training run directory (its checkpoints/latest; --all-steps: every
                        step_* kept), a step_N directory, or a weights directory (tools/convert.py
-                       hf-to-mcore); any layout it was saved at, any layout to evaluate in
-                       (key=value overrides such as parallel.tensor=2 parallel.context=4; torchrun
-                       for several processes; context parallelism for long lengths).
+                       hf-to-mcore); any layout it was saved at, evaluated by default at
+                       TP=PP=CP=1 in the processes this runs in (one process, or torchrun: data
+                       parallel); key=value overrides such as parallel.tensor=2
+                       parallel.context=4 (context parallelism for long lengths), or
+                       --saved-layout for the run's own.
   --hf DIR             a Hugging Face directory through transformers: the independent reference.
 
 Recall examples are generated from a seed (or read with --examples-file) and scored in one
@@ -33,6 +35,10 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--hf", help="Hugging Face model directory (transformers reference)")
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="config overrides for the megatron model, e.g. parallel.tensor=2")
+    p.add_argument("--saved-layout", action="store_true",
+                   help="split the model as the run's config says (parallel.tensor/pipeline/"
+                   "context; launch that many processes) instead of TP=PP=CP=1 across the "
+                   "processes this runs in")
     p.add_argument("--config", help="run config or model YAML (default: found next to the "
                    "checkpoint: model.yaml, or the run's config.yaml)")
     p.add_argument("--tasks", nargs="+", help="json_kv niah_mk (default: the run's "
@@ -225,6 +231,23 @@ def validation_rows(cfg, rank: int, layout=None):
 # ---------------------------------------------------------------------------------------------
 # megatron
 # ---------------------------------------------------------------------------------------------
+LAYOUT_KEYS = ("parallel.tensor", "parallel.pipeline", "parallel.context")
+
+
+def layout_overrides(args) -> list[str]:
+    """By default the model is split as the processes this tool runs in allow, TP=PP=CP=1 with
+    every process a data-parallel replica, not as the run's config says (a TP2 x PP2 run's
+    checkpoint then evaluates in one process: dist checkpoints reshard on load). A
+    parallel.* override on the command line wins; --saved-layout keeps the run's."""
+    if args.saved_layout:
+        return []
+    given = {o.split("=", 1)[0].strip() for o in args.overrides}
+    out = [f"{key}=1" for key in LAYOUT_KEYS if key not in given]
+    if "parallel.tensor" not in given and "parallel.sequence_parallel" not in given:
+        out.append("parallel.sequence_parallel=false")  # needs TP > 1
+    return out
+
+
 def checkpoints_to_evaluate(path: str, all_steps: bool) -> list[str]:
     from megatron_prolong.training.checkpoint import CheckpointManager, resolve_checkpoint
 
@@ -256,7 +279,8 @@ def evaluate_megatron(args) -> int:
     checkpoints = checkpoints_to_evaluate(args.checkpoint, args.all_steps)
     config_path = args.config or find_model_config(checkpoints[-1])
     overrides = list(args.overrides) + ([f"training.precision={args.dtype}"] if args.dtype else [])
-    cfg = load_config(config_path, overrides)
+    saved = load_config(config_path, overrides).parallel
+    cfg = load_config(config_path, layout_overrides(args) + overrides)
     runtime = init_distributed(cfg.training.device)
     p = cfg.parallel
     dp = max(1, runtime.world_size // (p.tensor * p.pipeline * p.context))
@@ -292,7 +316,9 @@ def evaluate_megatron(args) -> int:
                              else "results")
                 finish(args, file_name, record, recall, out, history, title=cfg.name)
         if runtime.rank == 0:
-            print(f"layout TP={layout.tp} PP={layout.pp} CP={layout.cp} DP={layout.dp}, "
+            print(f"layout TP={layout.tp} PP={layout.pp} CP={layout.cp} DP={layout.dp} (the "
+                  f"run's config: TP={saved.tensor} PP={saved.pipeline} CP={saved.context}; "
+                  "checkpoints load at any layout), "
                   f"checkpoint(s): {', '.join(checkpoints)}")
     finally:
         destroy_model_parallel()
