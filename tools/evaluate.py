@@ -121,14 +121,16 @@ def make_examples(args, cfg, tokenizer, rank: int = 0):
     return examples
 
 
-def finish(args, name: str, record: dict, recall, out: str, history=None, title="") -> None:
+def finish(args, name: str, record: dict, recall, out: str, history=None, title="",
+           train_loss=None) -> None:
     from megatron_prolong.evaluation.report import eval_line, recall_table
     from megatron_prolong.evaluation.session import write_results
 
     print(eval_line(record))
     if recall:
         print(recall_table(recall, f"{title} recall".strip()))
-    written = write_results(out, name, record, recall, history, not args.no_plots, title)
+    written = write_results(out, name, record, recall, history, not args.no_plots, title,
+                            train_loss)
     print("wrote " + ", ".join(written))
 
 
@@ -267,7 +269,7 @@ def evaluate_megatron(args) -> int:
     from megatron_prolong.convert.directories import require_megatron_checkpoint
     from megatron_prolong.convert.mcore_to_hf import find_model_config
     from megatron_prolong.data.tokenizer import build_tokenizer, check_tokenizer_matches_model
-    from megatron_prolong.evaluation.session import evaluate
+    from megatron_prolong.evaluation.session import evaluate, read_training_loss
     from megatron_prolong.training.checkpoint import load_weights_only, step_dir_name
     from megatron_prolong.training.data_source import run_tokenizer
     from megatron_prolong.training.parallel import (destroy_model_parallel, init_distributed,
@@ -303,6 +305,8 @@ def evaluate_megatron(args) -> int:
         name = os.path.basename(os.path.normpath(args.checkpoint))
         out = args.out or os.path.join("eval_results", name)
         history = []
+        # --all-steps on a run directory: its training loss goes beside the validation loss.
+        train_loss = read_training_loss(args.checkpoint) if args.all_steps else None
         for checkpoint in checkpoints:
             progress = load_weights_only(chunks, checkpoint)
             step = progress.step if progress is not None else None
@@ -314,7 +318,8 @@ def evaluate_megatron(args) -> int:
             if runtime.rank == 0:
                 file_name = (step_dir_name(step) if args.all_steps and step is not None
                              else "results")
-                finish(args, file_name, record, recall, out, history, title=cfg.name)
+                finish(args, file_name, record, recall, out, history, title=cfg.name,
+                       train_loss=train_loss)
         if runtime.rank == 0:
             print(f"layout TP={layout.tp} PP={layout.pp} CP={layout.cp} DP={layout.dp} (the "
                   f"run's config: TP={saved.tensor} PP={saved.pipeline} CP={saved.context}; "
