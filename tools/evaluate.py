@@ -20,6 +20,7 @@ Exit status 2 for input errors (the message says which and what to do).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import time
@@ -153,10 +154,11 @@ def evaluate_hf(args) -> int:
                          f"{args.hf}`, or export it with `tools/convert.py mcore-to-hf`")
     cfg = load_config(args.config, args.overrides) if args.config else None
     tokenizer = hf_tokenizer(args)
-    os.environ["HF_HUB_OFFLINE"] = "1"  # a local directory: nothing to ask the hub
     try:
-        model = load_hf_model(args.hf, torch.bfloat16 if args.dtype == "bf16" else torch.float32,
-                              "cuda" if torch.cuda.is_available() else "cpu")
+        with hub_offline():  # a local directory: nothing to ask the hub
+            model = load_hf_model(args.hf, torch.bfloat16 if args.dtype == "bf16"
+                                  else torch.float32,
+                                  "cuda" if torch.cuda.is_available() else "cpu")
     except OSError as exc:  # transformers' word for weights or files it cannot find or read
         raise ValueError(f"--hf {args.hf}: transformers cannot load it: "
                          + " ".join(str(exc).split())) from None
@@ -183,6 +185,20 @@ def evaluate_hf(args) -> int:
     finish(args, "results", eval_record(None, validation, recall), recall, out,
            title=os.path.basename(os.path.normpath(args.hf)))
     return 0
+
+
+@contextlib.contextmanager
+def hub_offline():
+    """HF_HUB_OFFLINE=1 for the load (besides local_files_only), as it was afterwards."""
+    before = os.environ.get("HF_HUB_OFFLINE")
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ["HF_HUB_OFFLINE"]
+        else:
+            os.environ["HF_HUB_OFFLINE"] = before
 
 
 def hf_tokenizer(args):
