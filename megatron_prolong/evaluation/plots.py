@@ -30,11 +30,11 @@ def _pyplot():
     return plt
 
 
-# (cell key, panel label, colour range): exact match alone is all 0.00 for a small model,
+# (cell key, panel title, colour bar label, colour range): exact match alone is all 0.00 for a small model,
 # while token accuracy and the answer's log-likelihood still show what it learned.
-HEATMAP_METRICS = (("exact_match", "exact match", (0.0, 1.0)),
-                   ("token_accuracy", "answer token accuracy", (0.0, 1.0)),
-                   ("mean_logprob", "answer log-likelihood per token", None))
+HEATMAP_METRICS = (("exact_match", "exact match", "exact match", (0.0, 1.0)),
+                   ("token_accuracy", "answer token accuracy", "token accuracy", (0.0, 1.0)),
+                   ("mean_logprob", "answer log-likelihood per token", "nats / token", None))
 COLOURS = "viridis"  # perceptually even, dark to light: the cell's text colour follows
 
 
@@ -52,7 +52,7 @@ def recall_heatmap(recall: dict, path: str, title: str = "recall") -> Optional[s
     fig, axes = plt.subplots(rows, len(tasks), squeeze=False, layout="constrained",
                              figsize=(2.0 + 1.1 * len(depths) * len(tasks),
                                       rows * (1.3 + 0.4 * len(lengths))))
-    for r, (key, label, limits) in enumerate(HEATMAP_METRICS):
+    for r, (key, label, bar_label, limits) in enumerate(HEATMAP_METRICS):
         values = [c[key] for c in cells if _finite(c.get(key))]
         if limits is None:  # log-likelihood: from the worst cell up to 0 (certainty)
             low = min(values, default=-1.0)
@@ -76,8 +76,7 @@ def recall_heatmap(recall: dict, path: str, title: str = "recall") -> Optional[s
             if k == 0:
                 ax.set_ylabel("length (tokens)")
             ax.set_title(f"{task}: {label}", fontsize=9)
-        fig.colorbar(image, ax=axes[r].tolist(), label=label.replace(" per token", ""),
-                     shrink=0.9)
+        fig.colorbar(image, ax=axes[r].tolist(), label=bar_label, shrink=0.9)
     fig.suptitle(title)
     return _save(fig, plt, path)
 
