@@ -32,7 +32,7 @@ def evaluate_in_one_process(root):
 
 
 @pytest.mark.slow
-def test_a_tp2_checkpoint_evaluates_in_one_process_with_the_same_scores(tmp_path, capsys):
+def test_a_tp2_checkpoint_evaluates_in_one_process_with_the_same_scores(tmp_path):
     assert run_distributed(train_then_evaluate_at_saved_layout, 2, str(tmp_path)) == [0, 0]
     assert run_distributed(evaluate_in_one_process, 1, str(tmp_path)) == [0]
     saved = json.load(open(tmp_path / "saved" / "results.json"))["examples"]

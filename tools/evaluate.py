@@ -202,8 +202,9 @@ def hub_offline():
 
 
 def hf_tokenizer(args):
-    """--tokenizer, else DIR's tokenizer.json; None when an --examples-file (token ids) needs
-    none and DIR has none (an export written without --tokenizer-dir)."""
+    """--tokenizer, else DIR's tokenizer.json; None when nothing is generated (--examples-file
+    holds token ids; --tasks none) and DIR has none (an export written without
+    --tokenizer-dir)."""
     from megatron_prolong.data.tokenizer import build_tokenizer
 
     if args.tokenizer:
@@ -211,7 +212,7 @@ def hf_tokenizer(args):
     path = args.tokenizer_path or args.hf
     found = os.path.isfile(os.path.join(path, "tokenizer.json")) if os.path.isdir(path) \
         else os.path.isfile(path)
-    if not found and args.examples_file:
+    if not found and (args.examples_file or args.tasks == ["none"]):
         return None
     if not found:
         raise ValueError(f"--hf {args.hf}: no tokenizer.json to generate recall examples with; "
@@ -322,7 +323,10 @@ def evaluate_megatron(args) -> int:
         out = args.out or os.path.join("eval_results", name)
         history = []
         # --all-steps on a run directory: its training loss goes beside the validation loss.
-        train_loss = read_training_loss(args.checkpoint) if args.all_steps else None
+        train_loss = None
+        if args.all_steps:  # the run directory, or its checkpoints/ folder
+            here = os.path.abspath(args.checkpoint)
+            train_loss = read_training_loss(here) or read_training_loss(os.path.dirname(here))
         for checkpoint in checkpoints:
             progress = load_weights_only(chunks, checkpoint)
             step = progress.step if progress is not None else None
