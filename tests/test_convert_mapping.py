@@ -448,7 +448,8 @@ def test_target_layout_refused_and_cli_exits_nonzero(hf_dir, tmp_path, capsys):
     err = capsys.readouterr().err
     assert rc == 2 and "error: target layout TP=4" in err and "num_query_groups=2" in err
     rc = cli.main(["mcore-to-hf", "--checkpoint", hf_dir, "--out", str(tmp_path / "o2")])
-    assert rc == 2 and "not a megatron-core distributed checkpoint" in capsys.readouterr().err
+    err = capsys.readouterr().err  # an HF directory: the direction that takes it is named
+    assert rc == 2 and "this is a Hugging Face model directory" in err and "hf-to-mcore" in err
     help_text = cli.build_parser()._subparsers._group_actions[0].choices["mcore-to-hf"].format_help()
     for option in ("--checkpoint", "--model-config", "--rope-theta", "--tokenizer-dir", "--max-shard-size"):
         assert option in help_text

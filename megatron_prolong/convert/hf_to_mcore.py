@@ -17,6 +17,7 @@ import yaml
 
 from megatron_prolong.config import ConfigError, ModelConfig, ParallelConfig, RunConfig, validate
 from megatron_prolong.convert import llama_mapping as lm
+from megatron_prolong.convert.directories import require_hf_directory
 from megatron_prolong.convert.errors import ConversionError
 from megatron_prolong.convert.hf_config import model_config_from_hf, model_config_yaml, read_json
 from megatron_prolong.convert.hf_io import HFCheckpoint
@@ -65,6 +66,9 @@ def check_hf_tensors(ckpt: HFCheckpoint, model: ModelConfig, dtype: Optional[tor
 def hf_to_mcore(hf_dir: str, out_dir: str, *, rope_theta: Optional[float] = None,
                 max_position_embeddings: Optional[int] = None, dtype: Optional[torch.dtype] = None,
                 target: tuple[int, int, int] = (1, 1, 1), overwrite: bool = False) -> ModelConfig:
+    require_hf_directory(hf_dir, "--hf-dir", "to export it to Hugging Face, use "
+                         f"`tools/convert.py mcore-to-hf --checkpoint {hf_dir} --out OUT`; "
+                         "training loads it as it is (checkpoint.load=...)")
     hf_cfg = read_json(os.path.join(hf_dir, "config.json"))
     model = model_config_from_hf(hf_cfg, rope_theta=rope_theta,
                                  max_position_embeddings=max_position_embeddings,

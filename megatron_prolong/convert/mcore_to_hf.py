@@ -11,6 +11,7 @@ import torch
 
 from megatron_prolong.config import ModelConfig
 from megatron_prolong.convert import llama_mapping as lm
+from megatron_prolong.convert.directories import require_megatron_checkpoint
 from megatron_prolong.convert.errors import ConversionError
 from megatron_prolong.convert.hf_config import (generation_config, hf_config_from_model,
                                                 load_model_section, read_json)
@@ -74,6 +75,8 @@ def mcore_to_hf(checkpoint: str, out_dir: str, *, model_config: Optional[str] = 
                 dtype: Optional[torch.dtype] = None, tokenizer_dir: Optional[str] = None,
                 hf_config: Optional[str] = None, max_shard_size: str = "5GB",
                 overwrite: bool = False) -> dict:
+    require_megatron_checkpoint(checkpoint, "--checkpoint", "to convert it to megatron, use "
+                                f"`tools/convert.py hf-to-mcore --hf-dir {checkpoint} --out OUT`")
     checkpoint = resolve_checkpoint(checkpoint)
     check_checkpoint_dir(checkpoint)
     model = load_model_section(model_config or find_model_config(checkpoint))

@@ -20,9 +20,12 @@ from megatron_prolong.evaluation.validation import (ValidationResult, Validation
 
 
 def load_hf_model(directory: str, dtype: torch.dtype = torch.float32, device: str = "cpu"):
+    """A local directory only: the hub client is never asked (a mistyped path would otherwise
+    be tried as a repository name, with network retries, before failing)."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(directory, torch_dtype=dtype)
+    model = AutoModelForCausalLM.from_pretrained(directory, torch_dtype=dtype,
+                                                 local_files_only=True)
     return model.to(device).eval()
 
 

@@ -3,8 +3,10 @@
 Used by the training loop (training/periodic_eval.py, every `evaluation.interval` steps) and by
 tools/evaluate.py (any checkpoint). Files, in one directory:
   <name>.json            the record (what metrics.jsonl holds) plus every recall example's scores
-  recall_heatmap.png     exact match by length x depth, one panel per task
-  history.png            validation loss and recall against training steps (several steps only)
+  recall_heatmap.png     exact match, answer token accuracy and log-likelihood by length x
+                         depth, a panel per metric and task
+  history.png            training and validation loss, and recall, against training steps
+                         (several steps only)
 """
 from __future__ import annotations
 
@@ -36,7 +38,7 @@ def evaluate(model: list, forward_backward: Callable, *, step: Optional[int],
 
 def write_results(directory: str, name: str, record: dict, recall: Optional[dict],
                   history: Optional[list[dict]] = None, make_plots: bool = True,
-                  title: str = "") -> list[str]:
+                  title: str = "", train_loss: Optional[list] = None) -> list[str]:
     """Write the JSON (atomically) and the pictures; returns the paths written."""
     os.makedirs(directory, exist_ok=True)
     path = os.path.join(directory, f"{name}.json")
@@ -52,7 +54,8 @@ def write_results(directory: str, name: str, record: dict, recall: Optional[dict
                                                 title=f"{title} recall".strip()))
         if history and len(history) > 1:
             written.append(plots.history_chart(history, os.path.join(directory, "history.png"),
-                                               title=title or "evaluation"))
+                                               title=title or "evaluation",
+                                               train_loss=train_loss))
     return [p for p in written if p]
 
 
@@ -73,4 +76,24 @@ def read_history(directory: str, up_to_step: Optional[int] = None) -> list[dict]
             record = json.load(f)
         if up_to_step is None or (record.get("step") or 0) <= up_to_step:
             out.append({"step": record.get("step"), "eval": record.get("eval", {})})
+    return out
+
+
+def read_training_loss(run_dir: str) -> list[tuple[int, float]]:
+    """(step, loss) of every training step in run_dir/metrics.jsonl (evaluation records and
+    skipped steps left out); [] when there is none. A torn or foreign line is passed over."""
+    path = os.path.join(run_dir, "metrics.jsonl")
+    out = []
+    if not os.path.isfile(path):
+        return out
+    with open(path) as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if (isinstance(record, dict) and "eval" not in record
+                    and isinstance(record.get("step"), int)
+                    and isinstance(record.get("loss"), (int, float))):
+                out.append((record["step"], float(record["loss"])))
     return out

@@ -28,7 +28,7 @@ from megatron_prolong.training.checkpoint import (
     resolve_checkpoint,
 )
 from megatron_prolong.training.data_source import build_data_source
-from megatron_prolong.training.metrics import MetricsLogger
+from megatron_prolong.training.metrics import MetricsLogger, closing_summary, mixture_targets
 from megatron_prolong.training.parallel import Runtime
 from megatron_prolong.training.periodic_eval import PeriodicEvaluation
 from megatron_prolong.training.run_lock import RunDirLock
@@ -248,10 +248,10 @@ def _train_locked(cfg: RunConfig, runtime: Runtime, layout: Layout,
         sys.stdout.flush()
     if result.stop_reason == "done" and progress.step >= total:
         if result.losses:
-            steps = sorted(result.losses)
-            _print0(f"finished {cfg.name} at step {total}: loss {result.losses[steps[0]]:.4f} "
-                    f"(step {steps[0]}) -> {result.losses[steps[-1]]:.4f} (step {steps[-1]}); "
-                    f"checkpoint {last_saved}; logs in {cfg.run_dir}")
+            _print0(closing_summary(cfg.name, total, result.losses, min(result.losses) - 1,
+                                    resumed_from, last_saved, cfg.run_dir, metrics.last_logged,
+                                    metrics.launch_domain_tokens,
+                                    mixture_targets(getattr(data_source, "dataset", None))))
         else:
             _print0(f"nothing to do: {cfg.run_dir} is already complete at step {total} "
                     f"(checkpoint {last_saved}); pass run_dir=... or raise the step budget to "

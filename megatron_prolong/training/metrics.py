@@ -144,6 +144,10 @@ class MetricsLogger:
         self.peak = peak_tflops(cfg)
         self.interval = _Interval()
         self.skipped_total = 0
+        # For the closing summary: what the last console line showed (first step, last step,
+        # mean loss) and the loss tokens of each domain over this launch.
+        self.last_logged: Optional[tuple[int, int, float]] = None
+        self.launch_domain_tokens: dict[str, float] = {}
         self.tb = None
         self.jsonl = None
         if self.is_writer:
@@ -182,6 +186,7 @@ class MetricsLogger:
         for name, (s, n) in names.items():
             iv.domain_sums[name] = iv.domain_sums.get(name, 0.0) + s
             iv.domain_tokens[name] = iv.domain_tokens.get(name, 0.0) + n
+            self.launch_domain_tokens[name] = self.launch_domain_tokens.get(name, 0.0) + n
         self.skipped_total = skipped_total
         record = dict(step=step, loss=result.loss, lr=lr, grad_norm=result.grad_norm,
                       skipped=result.skipped, skipped_total=skipped_total,
@@ -205,6 +210,7 @@ class MetricsLogger:
         tflops = iv.flops / max(iv.time, 1e-9) / 1e12
         mfu = tflops / self.peak if self.peak else None
         loss = iv.loss_sum / iv.loss_steps if iv.loss_steps else float("nan")
+        self.last_logged = (step - iv.steps + 1, step, loss)
         mem_kind, mem = memory_gib()
         eta = step_time * (self.total_steps - step)
         if not self.is_writer:
@@ -257,3 +263,50 @@ class MetricsLogger:
             self.tb.close()
         if self.jsonl:
             self.jsonl.close()
+
+
+def closing_summary(name: str, total: int, losses: dict, start_step: int,
+                    started_from: Optional[str], checkpoint: Optional[str], run_dir: str,
+                    last_logged: Optional[tuple[int, int, float]] = None,
+                    domain_tokens: Optional[dict] = None,
+                    targets: Optional[dict] = None) -> str:
+    """The lines a finished launch ends with. `losses`: step -> loss of this launch's steps
+    (single steps: a log line shows the mean over its interval, so both are named);
+    `start_step`: the step this launch resumed at (0 for a fresh start); `domain_tokens`: loss
+    tokens each domain gave over this launch, shown beside the mixture's `targets` (shares)."""
+    steps = sorted(losses)
+    first, last = steps[0], steps[-1]
+    line = (f"finished {name} at step {total}: loss {losses[first]:.4f} (step {first}, the "
+            f"first of this launch) -> {losses[last]:.4f} (step {last}), single steps")
+    if last_logged and last_logged[1] == last and last_logged[0] < last_logged[1]:
+        a, b, mean = last_logged
+        line += f"; the step-{b} log line shows {mean:.4f}, the mean of steps {a}-{b}"
+    if start_step:
+        origin = f"resumed at step {start_step} from {started_from}"
+    elif started_from:
+        origin = f"initialised from {started_from}"
+    else:
+        origin = "from scratch"
+    lines = [line, f"  this launch: steps {first}-{last}, {origin}; checkpoint {checkpoint}; "
+                   f"logs in {run_dir}"]
+    counted = sum((domain_tokens or {}).values())
+    if counted:
+        parts = []
+        for domain, n in sorted(domain_tokens.items(), key=lambda kv: -kv[1]):
+            part = f"{domain} {100 * n / counted:.1f}%"
+            if targets and domain in targets:
+                part += f" (target {100 * targets[domain]:.1f}%)"
+            parts.append(part)
+        lines.append(f"  loss tokens by domain, this launch ({counted:,.0f}): " + ", ".join(parts))
+    return "\n".join(lines)
+
+
+def mixture_targets(dataset) -> Optional[dict]:
+    """The domain mixture's target shares (normalised weights) by domain name, when the
+    dataset is a mixture; None for datasets without one (synthetic data)."""
+    weights = getattr(dataset, "weights", None)
+    names = getattr(dataset, "domain_names", None)
+    if weights is None or names is None or len(weights) != len(names):
+        return None
+    total = float(sum(weights)) or 1.0
+    return {n: float(w) / total for n, w in zip(names, weights)}

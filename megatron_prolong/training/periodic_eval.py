@@ -4,7 +4,8 @@ being trained is scored on the held-out validation rows and the synthetic recall
 
 Results: a console line (and the recall table at the last step), a record in metrics.jsonl,
 TensorBoard scalars (val/*, val_domain/*, val_position/*, recall*/), and run_dir/eval/:
-step_N.json, recall_heatmap.png (latest), history.png (every evaluation so far).
+step_N.json, recall_heatmap.png (latest), history.png (every evaluation so far, beside the
+training loss of metrics.jsonl).
 Validation rows and recall examples are built once, before the first step, so that settings they
 cannot satisfy (a recall length too short for its task) stop the run at start with one line.
 """
@@ -15,7 +16,8 @@ import time
 
 from megatron_prolong.config import ConfigError, RunConfig
 from megatron_prolong.evaluation.report import eval_line, eval_scalars, recall_table
-from megatron_prolong.evaluation.session import evaluate, read_history, write_results
+from megatron_prolong.evaluation.session import (evaluate, read_history, read_training_loss,
+                                                 write_results)
 from megatron_prolong.evaluation.tasks import generate_examples
 from megatron_prolong.evaluation.validation import ValidationSettings
 from megatron_prolong.training.agreement import on_all_ranks
@@ -71,4 +73,5 @@ class PeriodicEvaluation:
         if self.rank == 0:
             history = read_history(self.directory, up_to_step=step - 1) + [record]
             write_results(self.directory, step_dir_name(step), record, recall, history,
-                          self.cfg.evaluation.plots, title=self.cfg.name)
+                          self.cfg.evaluation.plots, title=self.cfg.name,
+                          train_loss=read_training_loss(self.cfg.run_dir))
