@@ -24,7 +24,7 @@ class ConfigError(ValueError):
 
 
 # Kernels of the project's document-masked attention (model/attention.py), for validation.
-LOCAL_ATTENTION_KERNELS = ("auto", "flex", "varlen", "flash", "sdpa")
+LOCAL_ATTENTION_KERNELS = ("auto", "cudnn", "flex", "varlen", "flash", "sdpa")
 # The synthetic recall tasks megatron_prolong.evaluation generates (named here for validation).
 RECALL_TASKS = ("json_kv", "niah_mk")
 
@@ -50,9 +50,10 @@ class ModelConfig:
     # auto: Transformer Engine when importable on CUDA, else the project's document-masked
     # attention (FlexAttention / flash-attn / PyTorch kernels on CUDA, SDPA per document on CPU).
     attention_backend: str = "auto"  # auto | te | local
-    # Kernel of the local path (docs/performance.md). auto: FlexAttention, else flash-attn
-    # varlen, else PyTorch's varlen on CUDA in bf16/fp16; SDPA per document otherwise.
-    local_attention_kernel: str = "auto"  # auto | flex | varlen | flash | sdpa
+    # Kernel of the local path (docs/performance.md). auto on CUDA in bf16/fp16: cuDNN's
+    # packed-row kernel (Hopper+, nvidia-cudnn-frontend), else FlexAttention, else flash-attn
+    # varlen, else PyTorch's varlen; SDPA per document otherwise.
+    local_attention_kernel: str = "auto"  # auto | cudnn | flex | varlen | flash | sdpa
     # none | selective (core attention only) | full (whole layers, `recompute_num_layers` each)
     recompute: str = "none"
     recompute_num_layers: int = 1
