@@ -54,8 +54,8 @@ def test_cudnn_kernel_never_synchronizes_with_the_host():
         torch.cuda.synchronize()
         return lambda: cudnn_document_attention(q, k, v, cu, 0.088).backward(grad)
 
-    step([1000, 3000, 96])()  # builds the graphs (3 documents and the tail: a bucket of 4)
-    run = step([2048, 2048])  # another layout of the same row length and bucket
+    step([1000, 3000, 96])()  # builds the graphs (3 documents: a batch of 4)
+    run = step([2048, 1024, 1024])  # another layout of the same row length and buckets
     torch.cuda.set_sync_debug_mode("error")
     try:
         run()

@@ -39,33 +39,34 @@ def _fwd_bwd(fn, q, k, v, grad):
     return out.detach(), q.grad, k.grad, v.grad
 
 
-# (document lengths, heads, groups): GQA with several documents, one document, a zero-length
-# and one-token document, MHA, MQA, a row that runs past its last boundary (total > sum).
-CASES = [([37, 90, 1, 64], 8, 2, 192), ([128], 4, 4, 128), ([5, 0, 70, 1], 8, 1, 76),
-         ([20, 30], 4, 2, 64)]
+# (document lengths, heads, groups, the longest document as PackedSeqParams gives it): GQA with
+# several documents, one document, a zero-length and a one-token document, MHA, MQA, five
+# documents (a batch of 8 with three empty ones), max_seqlen unknown (S = the row).
+CASES = [([37, 90, 1, 64], 8, 2, 90), ([128], 4, 4, 128), ([5, 0, 70, 1], 8, 1, 70),
+         ([20, 30, 3, 3, 8], 4, 2, None)]
 
 
-@pytest.mark.parametrize("lengths,heads,groups,total", CASES)
-def test_packed_row_equals_per_document_attention(fake_cudnn, lengths, heads, groups, total):
+@pytest.mark.parametrize("lengths,heads,groups,max_seqlen", CASES)
+def test_packed_row_equals_per_document_attention(fake_cudnn, lengths, heads, groups,
+                                                  max_seqlen):
+    total = sum(lengths)
     q, k, v = _qkv(total, heads, groups, 16, seed=len(lengths), dtype=torch.bfloat16)
     grad = torch.randn(total, heads, 16, generator=torch.Generator().manual_seed(9))
     cu = _cu(lengths)
-    # The rows's tail past cu[-1] (if any) is a document of its own, as in the other kernels.
-    ref_cu = cu if int(cu[-1]) == total else torch.cat([cu, torch.tensor([total], dtype=cu.dtype)])
-    ref = _fwd_bwd(lambda a, b, c: attention_per_document(a, b, c, ref_cu, 0.25),
+    ref = _fwd_bwd(lambda a, b, c: attention_per_document(a, b, c, cu, 0.25),
                    q.float(), k.float(), v.float(), grad)
-    got = _fwd_bwd(lambda a, b, c: cudnn_document_attention(a, b, c, cu, 0.25), q, k, v,
-                   grad.to(torch.bfloat16))
+    got = _fwd_bwd(lambda a, b, c: cudnn_document_attention(a, b, c, cu, 0.25, max_seqlen),
+                   q, k, v, grad.to(torch.bfloat16))
     for name, g, r in zip(("out", "dq", "dk", "dv"), got, ref):
         assert g.dtype == torch.bfloat16 and g.shape == r.shape, name
         assert ((g.float() - r).norm() / r.norm()).item() < 1e-2, name
 
 
 def test_offsets_count_elements_and_widen_to_int64_at_512k():
-    bounds = document_batch(_cu([3, 5]), 10)  # documents 3, 5, the tail 2, one empty: B = 4
+    bounds = document_batch(_cu([3, 5, 2]))  # three documents and an empty one: B = 4
     assert bounds.tolist() == [0, 3, 8, 10, 10]
-    shape = RowShape(total=10, batch=4, heads=8, groups=2, head_dim=16, dtype=torch.bfloat16,
-                     scale=0.25)
+    shape = RowShape(total=10, batch=4, longest=8, heads=8, groups=2, head_dim=16,
+                     dtype=torch.bfloat16, scale=0.25)
     args = ragged_arguments(bounds, shape)
     assert args[SEQ_LEN].dtype == torch.int32 and args[SEQ_LEN].shape == (4, 1, 1, 1)
     assert args[SEQ_LEN].flatten().tolist() == [3, 5, 2, 0]
@@ -74,26 +75,26 @@ def test_offsets_count_elements_and_widen_to_int64_at_512k():
     assert args[OFF_KV].flatten().tolist()[1] == 3 * 32
     assert args[OFF_STATS].flatten().tolist()[1] == 3 * 8
     # A 512K row with 32 heads of 128: the last offset is 2**31, past int32.
-    big = RowShape(total=2**19, batch=2, heads=32, groups=8, head_dim=128, dtype=torch.bfloat16,
-                   scale=0.1)
-    off = ragged_arguments(document_batch(_cu([2**19]), 2**19), big)[OFF_Q]
+    big = RowShape(total=2**19, batch=1, longest=2**19, heads=32, groups=8, head_dim=128,
+                   dtype=torch.bfloat16, scale=0.1)
+    off = ragged_arguments(document_batch(_cu([2**19])), big)[OFF_Q]
     assert off.dtype == torch.int64 and off.flatten().tolist()[1] == 2**31
 
 
 def test_graphs_are_reused_across_rows_and_nothing_is_read_on_the_host(fake_cudnn):
-    """Rows with different document layouts but the same length and a document count in the
-    same power-of-two bucket reuse the forward and backward graphs; neither the forward nor
-    the backward reads a tensor value on the host (a CUDA synchronisation)."""
-    for lengths in ([40, 24], [10, 50, 4], [1, 2, 61]):  # 3 or 4 with the tail: a bucket of 4
+    """Rows with different document layouts but the same length, document count bucket and
+    longest-document bucket reuse the forward and backward graphs; neither the forward nor the
+    backward reads a tensor value on the host (a CUDA synchronisation)."""
+    for lengths in ([40, 20, 4], [10, 50, 4], [1, 2, 61]):  # 3 documents (4), longest 33-64 (64)
         q, k, v = _qkv(64, 4, 2, 16, seed=1, dtype=torch.float16)
         q.requires_grad_(True)
         cu = _cu(lengths)
         with fake_cudnn.record_host_reads as reads:
-            cudnn_document_attention(q, k, v, cu, 0.25).sum().backward()
+            cudnn_document_attention(q, k, v, cu, 0.25, max(lengths)).sum().backward()
         assert reads.reads == [], reads.reads
     assert len(cudnn_attention.graphs) == 2 and len(fake_cudnn.Graph.built) == 2
     q, k, v = _qkv(64, 4, 2, 16, seed=1, dtype=torch.float16)
-    cudnn_document_attention(q, k, v, _cu([1] * 64), 0.25)  # 65 documents: a new bucket
+    cudnn_document_attention(q, k, v, _cu([1] * 64), 0.25, 1)  # 64 documents of 1: new buckets
     assert len(cudnn_attention.graphs) == 3
 
 

@@ -288,7 +288,7 @@ def varlen_causal_attention(q, k, v, cu_seqlens, max_seqlen: Optional[int], scal
     if name == "flex":
         return flex_document_attention(q, k, v, cu_seqlens.to(q.device), scale)
     if name == "cudnn":
-        return cudnn_attention.cudnn_document_attention(q, k, v, cu, scale)
+        return cudnn_attention.cudnn_document_attention(q, k, v, cu, scale, max_seqlen)
     return attention_per_document(q, k, v, cu, scale)
 
 

@@ -10,11 +10,13 @@ variable-length sequences read in place from megatron's THD tensors:
 - softmax stats: [t, heads] fp32, ragged offset cu[b] * heads;
 - seq_len_q = seq_len_kv = cu[b+1] - cu[b], shaped (B, 1, 1, 1) int32; offsets (B+1, 1, 1, 1)
   int32, or int64 where t * heads * d reaches 2**31 (a 512K row with 32 heads of 128).
-B is the number of documents plus one trailing document [cu[-1], t) (empty unless the row
-runs past its last boundary), rounded up to a power of two with empty documents, and S = t:
-graphs depend only on (t, B bucket, widths, dtype, scale), so a new row reuses them. Every
-offset is computed on the device from cu_seqlens: nothing is read back to the host, per layer
-or per row.
+B is the number of documents rounded up to a power of two with empty documents, and S (the
+longest document cuDNN must expect: it launches work for B x heads x S) is the row's
+`max_seqlen` (a host integer of PackedSeqParams) rounded up to a power of two, at most t (t
+when unknown): a graph depends only on (t, B bucket, S bucket, widths, dtype, scale), so rows
+with new document layouts reuse the few built. Every offset is computed on the device from
+cu_seqlens: nothing is read back to the host, per layer or per row. As for the flash and varlen
+kernels, cu_seqlens must end at the row's end (every batch of this project does).
 
 Why not `cudnn.experimental.ops.scaled_dot_product_attention` (1.26.0), which takes
 `cumulative_seq_len_q/kv`: its source shares one offset tensor between q, o, dO and the stats
@@ -47,22 +49,24 @@ def frontend():
     return cudnn if hasattr(cudnn, "pygraph") else None
 
 
-def document_batch(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
-    """Boundaries of the cuDNN batch: cu_seqlens, the row's end (a trailing document, empty
-    when cu_seqlens ends at `total`), then empty documents up to a power-of-two count. Built on
-    the device without reading cu_seqlens back."""
+def _power_of_two(n: int) -> int:
+    return 1 << max(n - 1, 0).bit_length()
+
+
+def document_batch(cu_seqlens: torch.Tensor) -> torch.Tensor:
+    """Boundaries of the cuDNN batch: cu_seqlens, then empty documents at the row's end up to a
+    power-of-two count. Built on the device without reading cu_seqlens back."""
     cu = cu_seqlens.to(torch.int64)
-    docs = cu.numel()  # documents of cu_seqlens + the trailing one
-    bucket = 1 << (docs - 1).bit_length()
-    end = torch.full((bucket + 1 - cu.numel(),), total, dtype=torch.int64, device=cu.device)
-    return torch.cat([cu, end])
+    docs = cu.numel() - 1
+    return torch.cat([cu, cu[-1:].expand(_power_of_two(docs) - docs)])
 
 
 @dataclass(frozen=True)
 class RowShape:
     """What a graph depends on (its cache key)."""
-    total: int  # tokens of the row (S)
+    total: int  # tokens of the row
     batch: int  # documents, bucketed (B)
+    longest: int  # the longest document, bucketed (S)
     heads: int
     groups: int
     head_dim: int
@@ -89,12 +93,12 @@ def ragged_arguments(bounds: torch.Tensor, shape: RowShape) -> dict:
 
 def _packed(n: int, shape: RowShape) -> tuple[list, list]:
     """cuDNN dims and strides of a [t, n, d] tensor seen as (B, n, S, d)."""
-    s, d = shape.total, shape.head_dim
+    s, d = shape.longest, shape.head_dim
     return [shape.batch, n, s, d], [s * n * d, d, n * d, 1]
 
 
 def _stats_layout(shape: RowShape) -> tuple[list, list]:
-    s, h = shape.total, shape.heads
+    s, h = shape.longest, shape.heads
     return [shape.batch, h, s, 1], [s * h, 1, h, 1]
 
 
@@ -240,14 +244,17 @@ class _PackedRowAttention(torch.autograd.Function):
 
 
 def cudnn_document_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                             cu_seqlens: torch.Tensor, scale: float) -> torch.Tensor:
+                             cu_seqlens: torch.Tensor, scale: float,
+                             max_seqlen: Optional[int] = None) -> torch.Tensor:
     """[t, heads, d] queries, [t, groups, d] keys/values -> [t, heads, d]: causal attention
-    inside each document of the packed row laid out by cu_seqlens, one cuDNN call."""
+    inside each document of the packed row laid out by cu_seqlens (ending at t; its longest
+    document `max_seqlen` tokens, when known), one cuDNN call."""
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     total, heads, head_dim = q.shape
-    bounds = document_batch(cu_seqlens.to(q.device), total)
-    shape = RowShape(total=total, batch=bounds.numel() - 1, heads=heads, groups=k.shape[1],
-                     head_dim=head_dim, dtype=q.dtype, scale=float(scale))
+    bounds = document_batch(cu_seqlens.to(q.device))
+    longest = total if max_seqlen is None else min(total, _power_of_two(int(max_seqlen)))
+    shape = RowShape(total=total, batch=bounds.numel() - 1, longest=longest, heads=heads,
+                     groups=k.shape[1], head_dim=head_dim, dtype=q.dtype, scale=float(scale))
     return _PackedRowAttention.apply(q, k, v, bounds, shape)
 
 
