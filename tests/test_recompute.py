@@ -51,25 +51,30 @@ def test_recompute_gives_the_same_loss_and_gradients(megatron_single_process, na
 
 # --- the planner ------------------------------------------------------------------------------
 from megatron_prolong.config import ConfigError, validate  # noqa: E402
-from megatron_prolong.training.dry_run import (GIB, RecomputePlan, dry_run_report,  # noqa: E402
-                                               estimate_memory, plan_recompute)
+from megatron_prolong.training.dry_run import (GIB, PLAN_HEADROOM, RecomputePlan,  # noqa: E402
+                                               dry_run_report, estimate_memory, plan_recompute)
 
 BENCH = "examples/bench_64k_1gpu.yaml"
+
+
+def _capacity(total_bytes: float, slack_gib: float = 0.01) -> float:
+    """The GPU size (GiB) at which a setting needing `total_bytes` just fits the plan."""
+    return total_bytes / GIB / PLAN_HEADROOM + slack_gib
 
 
 def test_planner_recomputes_more_as_memory_shrinks():
     cfg = load_config(BENCH, ["model.recompute=auto"])
     layout = validate(cfg, 1)
     est = estimate_memory(cfg, layout)
-    roomy = plan_recompute(cfg, layout, est.total("none") / GIB + 1)
+    roomy = plan_recompute(cfg, layout, _capacity(est.total("none")))
     assert roomy.plan == RecomputePlan() and roomy.fits and roomy.extra_flops == 0
     mlp = RecomputePlan("selective", ("mlp",))
-    just_mlp = plan_recompute(cfg, layout, est.total(mlp) / GIB + 0.01)
+    just_mlp = plan_recompute(cfg, layout, _capacity(est.total(mlp)))
     assert just_mlp.plan == mlp and 0 < just_mlp.extra_flops
     # The fewest layers that block recomputation needs to keep less than selective mlp.
     block = next(p for p in (RecomputePlan("full", (), "block", n) for n in range(1, 8))
                  if est.total(p) < est.total(mlp))
-    at_block = plan_recompute(cfg, layout, est.total(block) / GIB + 0.01)
+    at_block = plan_recompute(cfg, layout, _capacity(est.total(block)))
     assert at_block.plan == block
     assert at_block.extra_flops > just_mlp.extra_flops
     # The least memory of all: block recomputation of all layers but the last (which is
@@ -77,9 +82,9 @@ def test_planner_recomputes_more_as_memory_shrinks():
     # recomputing every layer.
     least = min(est.total(RecomputePlan("full", (), "block", n)) for n in range(1, 8))
     assert least < est.total("full")
-    tightest = plan_recompute(cfg, layout, least / GIB + 0.01)
+    tightest = plan_recompute(cfg, layout, _capacity(least))
     assert tightest.plan == RecomputePlan("full", (), "block", 7) and tightest.fits
-    nothing = plan_recompute(cfg, layout, least / GIB - 0.01)
+    nothing = plan_recompute(cfg, layout, _capacity(least, -0.01))
     assert not nothing.fits and nothing.plan == tightest.plan
     # Each step down in memory costs more recomputation.
     costs = [p.extra_flops for p in (roomy, just_mlp, at_block, tightest)]
@@ -91,7 +96,7 @@ def test_planner_offers_layernorm_only_on_transformer_engine():
     layout = validate(cfg, 1)
     est = estimate_memory(cfg, layout)
     norms = RecomputePlan("selective", ("layernorm",))
-    capacity = est.total(norms) / GIB + 0.01
+    capacity = _capacity(est.total(norms))
     assert plan_recompute(cfg, layout, capacity, transformer_engine=True).plan == norms
     assert "layernorm" not in plan_recompute(cfg, layout, capacity).plan.modules
     with pytest.raises(ConfigError, match="layernorm"):
@@ -101,7 +106,7 @@ def test_planner_offers_layernorm_only_on_transformer_engine():
 
 def test_dry_run_prints_the_choice_and_explicit_choices_still_work():
     report, fits = dry_run_report(load_config(BENCH, ["model.recompute=auto"]), 1, 1, "h200")
-    assert fits and "recompute      auto -> none" in report
+    assert fits and "recompute      auto -> none (planned within 97% of the GPU)" in report
     report, fits = dry_run_report(load_config(BENCH, ["model.recompute=auto"]), 1, 1, "h100")
     assert fits and "auto -> full (first" in report and "TFLOP per step" in report
     report, _ = dry_run_report(load_config(BENCH, ["model.recompute=selective",

@@ -28,6 +28,9 @@ from typing import Optional
 from megatron_prolong.config import Layout, ModelConfig, RunConfig, validate
 
 GIB = 2**30
+# `model.recompute: auto` plans within this share of the GPU: the estimate came within 1% of
+# the measured peak on an H100 (docs/performance.md), and an out-of-memory error costs a run.
+PLAN_HEADROOM = 0.97
 GPU_MEMORY_GIB = {"h100": 79.6, "h200": 139.8}  # usable per GPU (80 GB / 141 GB parts)
 OVERHEAD_GIB = 4.0
 
@@ -238,15 +241,15 @@ class PlannedRecompute:
 def plan_recompute(cfg: RunConfig, layout: Layout, capacity_gib: float,
                    transformer_engine: bool = False) -> PlannedRecompute:
     """`model.recompute: auto`: the candidate that recomputes the fewest FLOPs (ties: less
-    memory) whose estimate fits `capacity_gib`; if none fits, the one that needs the least
-    memory, reported as not fitting."""
+    memory) whose estimate fits PLAN_HEADROOM of `capacity_gib`; if none fits, the one that
+    needs the least memory, reported as not fitting."""
     est = estimate_memory(cfg, layout)
     scored = []
     for plan in recompute_candidates(cfg, transformer_engine):
         extra, model = recompute_flops(cfg, layout, plan)
         scored.append((extra, est.total(plan), plan, model))
     scored.sort(key=lambda x: (x[0], x[1]))
-    limit = capacity_gib * GIB
+    limit = capacity_gib * GIB * PLAN_HEADROOM
     chosen = next((i for i, x in enumerate(scored) if x[1] <= limit), None)
     fits = chosen is not None
     if not fits:  # the least memory, to report how far off the closest setting is
@@ -303,7 +306,8 @@ def dry_run_report(cfg: RunConfig, nodes: int, gpus_per_node: int, gpu: str) -> 
         extra = (f"recomputes {planned.extra_flops / 1e12:,.1f} TFLOP per step per {per} "
                  f"(+{100 * planned.extra_flops / planned.model_flops:.1f}% of the model's; "
                  "attention as one document per row)")
-        recompute_lines.append(f"  recompute      auto -> {mode}: activations "
+        recompute_lines.append(f"  recompute      auto -> {mode} (planned within "
+                               f"{PLAN_HEADROOM:.0%} of the GPU): activations "
                                f"{planned.activations / GIB:.2f} GiB, {extra}")
         if planned.cheaper and planned.fits:
             cheaper, need = planned.cheaper
