@@ -102,6 +102,7 @@ def test_kernel_is_chosen_only_where_it_can_run(monkeypatch, fake_cudnn):
     attention.resolve_kernel.cache_clear()
     try:
         monkeypatch.setattr(cudnn_attention, "device_capability", lambda: (9, 0))
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
         assert attention.kernel_unavailable("cudnn", "cuda", torch.bfloat16) is None
         assert "CUDA in bf16/fp16" in attention.kernel_unavailable("cudnn", "cuda", torch.float32)
         monkeypatch.setattr(cudnn_attention, "device_capability", lambda: (8, 0))

@@ -135,3 +135,25 @@ def test_planned_model_config_reaches_megatron(megatron_single_process):
     mlp = RecomputePlan("selective", ("mlp",)).apply(cfg.model)
     c = build_llama(mlp, cfg.parallel, on_cpu=True, use_te=False).config
     assert c.recompute_granularity == "selective" and c.recompute_modules == ["mlp"]
+
+
+def test_training_resolves_auto_against_the_gpus_memory(monkeypatch, capsys):
+    from types import SimpleNamespace
+
+    from megatron_prolong.training.parallel import Runtime
+    from megatron_prolong.training.step import resolved_model_config
+
+    cfg = load_config(BENCH, ["model.recompute=auto"])
+    cpu = Runtime(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), on_cpu=True)
+    assert resolved_model_config(cfg, cpu, use_te=False).recompute == "none"
+    gpu = Runtime(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), on_cpu=False)
+    for gib, expected in ((141, RecomputePlan()), (80, None)):
+        monkeypatch.setattr(torch.cuda, "get_device_properties",
+                            lambda device, gib=gib: SimpleNamespace(total_memory=gib * GIB))
+        model = resolved_model_config(cfg, gpu, use_te=False)
+        plan = RecomputePlan.of(model)
+        assert plan == (expected or plan_recompute(cfg, validate(cfg, 1), gib).plan)
+        assert f"recompute auto -> {plan.label(8)}" in capsys.readouterr().out
+    assert plan.recompute == "full" and plan.method == "block"  # 80 GiB: some layers kept
+    explicit = load_config(BENCH)
+    assert resolved_model_config(explicit, gpu, use_te=False) is explicit.model

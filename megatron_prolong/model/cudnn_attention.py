@@ -270,6 +270,8 @@ def unavailable(device_type: str, dtype: torch.dtype,
                 "nvidia-cudnn-frontend; the GPU kit carries 1.26.0)")
     if device_type != "cuda" or dtype not in (torch.float16, torch.bfloat16):
         return f"runs on CUDA in bf16/fp16 only (here: {device_type}, {dtype})"
+    if capability is None and not torch.cuda.is_available():
+        return "runs on CUDA only (no GPU visible)"
     if capability is None:
         capability = device_capability()
     if capability < (9, 0):
