@@ -66,6 +66,9 @@ class ModelConfig:
     # On CUDA, megatron-core's fused SwiGLU (one torch.compile'd kernel each way instead of
     # chunk + silu + mul); TE's spec fuses it itself. CPU runs keep the plain PyTorch ops.
     fused_swiglu: bool = True
+    # The chunked loss's element-wise work in torch.compile'd kernels (model/loss.py; CUDA, not
+    # measured yet, so off). CPU runs the same formulas uncompiled.
+    fused_loss: bool = False
 
     @property
     def kv_channels(self) -> int:

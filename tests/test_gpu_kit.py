@@ -208,7 +208,7 @@ def test_kernel_bench_rows(tmp_path):
     assert len(rows["short-docs"]) > 20 and 1 <= len(rows["recipe-row"]) <= 4
 
 
-def test_quick_runs_tests_kernels_the_two_best_benches_with_the_planner_and_the_peer(
+def test_quick_runs_the_two_best_benches_with_planner_and_fusion_the_peer_kernels_and_tests(
         tmp_path, monkeypatch):
     kit = _kit_module("run_kit")
     commands = []
@@ -224,10 +224,14 @@ def test_quick_runs_tests_kernels_the_two_best_benches_with_the_planner_and_the_
     kit.main([str(tmp_path), "--quick"])
     results = json.loads((tmp_path / "results.json").read_text())
     assert [s["stage"] for s in results["stages"]] == [
-        "env", "tests", "kernels", "bench:local-cudnn+plan", "bench:local-flex+plan", "peer"]
-    bench = commands[3]
+        "env", "bench:local-cudnn+plan+fused", "peer", "kernels", "bench:local-flex+plan+fused",
+        "tests"]
+    bench = commands[1]
     assert "model.local_attention_kernel=cudnn" in bench and "model.recompute=auto" in bench
-    assert "training.train_steps=5" in bench
+    assert "model.fused_loss=true" in bench and "training.train_steps=5" in bench
+    ns = kit.parse_args(["out"])
+    with pytest.raises(ValueError, match="bench:local-flex"):
+        kit.stage_command("bench:local-flex+fast", ns, "/parts")
 
 
 def test_512k_kernel_stage_checks_one_long_document():

@@ -156,7 +156,8 @@ def build_llama(
     config = to_transformer_config(model, parallel, precision=precision, on_cpu=on_cpu,
                                    use_te=use_te)
     model_class = ChunkedLossGPTModel if loss_chunk_size > 0 else GPTModel
-    extra = dict(loss_chunk_size=loss_chunk_size) if loss_chunk_size > 0 else {}
+    extra = (dict(loss_chunk_size=loss_chunk_size, fused_loss=model.fused_loss)
+             if loss_chunk_size > 0 else {})
     return model_class(
         config=config,
         transformer_layer_spec=llama_layer_spec(use_te, model.local_attention_kernel),

@@ -15,11 +15,12 @@ Stages, in this order; a stage that fails is recorded and the next one runs:
            bench:local-cudnn, bench:local-flex, bench:local-varlen, bench:te,
            bench:local-flash (and bench:local-sdpa when named); BACKEND+plan runs it with
            model.recompute=auto (the planner's choice for this GPU) instead of the recipe's
-           full recomputation; bench:best2 = the first two available backends, +plan
+           full recomputation, BACKEND+fused with model.fused_loss=true; bench:best1 and
+           bench:best2 = the first and second available backend, +plan+fused
   peer     tools/bench_hf_peer.py, the HF transformers peer (peer:flash|flex|sdpa to choose);
            out of GPU memory with fp32 master weights, it runs again as peer-bf16 (bf16 weights)
---quick = tests kernels bench:best2 peer, 5 steps each (about 7.5 minutes on an H100 from the
-2026-11-22 timings), within a 540 s budget.
+--quick = bench:best1 peer kernels bench:best2 tests, 5 steps per benchmark (about 7.5 minutes
+on an H100 from the 2026-11-22 timings), within a 540 s budget.
 Each stage is its own process under a time limit. A stage that would not fit in what is left
 of --budget-s is deferred: the log ends with the command that runs the rest, and --merge makes
 one report of several runs. OUT_DIR receives results.json (everything), results.md (tables),
@@ -55,8 +56,14 @@ BACKEND_OVERRIDES = {
     **{f"local-{k}": ["model.attention_backend=local", f"model.local_attention_kernel={k}"]
        for k in ("cudnn", "flex", "varlen", "flash", "sdpa")},
 }
-PLAN = "+plan"  # bench:BACKEND+plan: recomputation chosen by the planner (model.recompute=auto)
-QUICK = ["tests", "kernels", "bench:best2", "peer"]
+# bench:BACKEND[+plan][+fused]: +plan lets the planner choose the recomputation
+# (model.recompute=auto), +fused runs the chunked loss's element-wise work compiled
+# (model.fused_loss=true)
+VARIANTS = {"+plan": ["model.recompute=auto"], "+fused": ["model.fused_loss=true"]}
+BEST = "+plan+fused"
+# Our best row and the peer first (the headline ratio), the kernel check before the second
+# bench, pytest last: what a short budget defers is what matters least.
+QUICK = ["bench:best1", "peer", "kernels", "bench:best2", "tests"]
 QUICK_STEPS, QUICK_BUDGET_S = 5, 540
 # The 512K check of the cudnn kernel: one document, every head run, the first K/V group's
 # heads compared with the fp32 reference (a full fp32 reference at 512K takes minutes).
@@ -154,8 +161,9 @@ def expand(stages: list[str], env: dict) -> list[str]:
     for stage in stages:
         if stage == "bench":
             out += [f"bench:{b}" for b in backends]
-        elif stage == "bench:best2":  # the two fastest expected here, each with the planner
-            out += [f"bench:{b}{PLAN}" for b in backends[:2]]
+        elif stage in ("bench:best1", "bench:best2"):  # the first / second backend here
+            index = int(stage[-1]) - 1
+            out += [f"bench:{b}{BEST}" for b in backends[index:index + 1]]
         else:
             out.append(stage)
     return out
@@ -180,14 +188,14 @@ def stage_command(stage: str, ns, parts: str) -> list[str]:
                 os.path.join(parts, _results_file(stage))] + tiny + long
     kind, _, variant = stage.partition(":")
     if kind == "bench":
-        backend = variant[:-len(PLAN)] if variant.endswith(PLAN) else variant
-        if backend not in BACKEND_OVERRIDES:
+        backend, *suffixes = variant.split("+")
+        if backend not in BACKEND_OVERRIDES or any(f"+{x}" not in VARIANTS for x in suffixes):
             raise ValueError(f"stage {stage!r}: choose bench:{'|'.join(BACKEND_OVERRIDES)}, "
-                             f"each optionally with {PLAN}")
-        plan = ["model.recompute=auto"] if variant.endswith(PLAN) else []
+                             f"each optionally with {' and '.join(VARIANTS)}")
+        extra = [o for x in suffixes for o in VARIANTS[f"+{x}"]]
         return ([py, os.path.join(TOOLS, "bench_train.py"), RECIPE, *BACKEND_OVERRIDES[backend],
-                 *plan, *steps, "--name", variant, "--json", os.path.join(parts, f"{stage}.json")]
-                + tiny + profile)
+                 *extra, *steps, "--name", variant, "--json",
+                 os.path.join(parts, f"{stage}.json")] + tiny + profile)
     if kind in ("peer", "peer-bf16"):
         weights = ["--param-dtype", "bf16", "--name", f"hf-peer-{variant or 'auto'}-bf16-weights"
                    ] if kind == "peer-bf16" else []
