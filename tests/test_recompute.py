@@ -135,6 +135,9 @@ def test_planned_model_config_reaches_megatron(megatron_single_process):
     mlp = RecomputePlan("selective", ("mlp",)).apply(cfg.model)
     c = build_llama(mlp, cfg.parallel, on_cpu=True, use_te=False).config
     assert c.recompute_granularity == "selective" and c.recompute_modules == ["mlp"]
+    fused = load_config(None, ["model.preset=tiny", "model.num_layers=2", "model.fused_loss=true"])
+    assert build_llama(fused.model, fused.parallel, on_cpu=True, use_te=False).fused_loss
+    assert not model.fused_loss
 
 
 def test_training_resolves_auto_against_the_gpus_memory(monkeypatch, capsys):
