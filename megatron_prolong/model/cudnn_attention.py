@@ -34,6 +34,7 @@ from typing import Optional
 
 import torch
 
+MIN_CUDNN = 90600  # cudnn.backend_version() of 9.6.0
 # Tensor ids of the graphs (the variant pack maps them to torch tensors).
 Q, K, V, O, STATS, DO, DQ, DK, DV = 1, 2, 3, 4, 5, 6, 7, 8, 9
 SEQ_LEN, OFF_Q, OFF_KV, OFF_STATS = 10, 11, 12, 13
@@ -277,4 +278,8 @@ def unavailable(device_type: str, dtype: torch.dtype,
     if capability < (9, 0):
         return (f"cuDNN's ragged (packed) fused attention needs Hopper (sm90) or newer; this GPU "
                 f"is sm{capability[0]}{capability[1]}")
+    version = frontend().backend_version()
+    if version < MIN_CUDNN:
+        return (f"needs cuDNN >= 9.6 (ragged softmax stats; 64-bit offsets from 9.5), this "
+                f"process loads {version}")
     return None
