@@ -122,7 +122,9 @@ def probe(tiny: bool) -> dict:
     import torch
 
     cuda = torch.cuda.is_available() and not tiny
-    info.update(torch_cuda=torch.version.cuda, cuda_available=torch.cuda.is_available())
+    info.update(torch_cuda=torch.version.cuda, cuda_available=torch.cuda.is_available(),
+                cudnn=torch.backends.cudnn.version() if torch.backends.cudnn.is_available()
+                else None)
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
         info.update(gpu=props.name, gpu_memory_gib=round(props.total_memory / 2**30, 1),
@@ -327,7 +329,8 @@ def render_markdown(results: dict) -> str:
     env = results.get("env", {})
     lines = [f"# GPU kit results ({results.get('started', '?')[:16]} UTC)", "",
              f"Machine: {_machine(env)}; "
-             f"torch {env.get('torch')} (CUDA {env.get('torch_cuda')}), transformers "
+             f"torch {env.get('torch')} (CUDA {env.get('torch_cuda')}, cuDNN {env.get('cudnn')}), "
+             f"transformers "
              f"{env.get('transformers')}, megatron-core {env.get('megatron-core')}, "
              f"nvidia-cudnn-frontend {env.get('nvidia-cudnn-frontend') or 'absent'}, flash-attn "
              f"{env.get('flash-attn') or 'absent'}, Transformer Engine "
