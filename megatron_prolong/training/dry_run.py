@@ -9,8 +9,11 @@ The estimate is analytic and per rank of the most loaded pipeline stage:
 - activations per micro-batch and layer (bf16, flash/varlen attention: no seq^2 term):
   layer-norm inputs/outputs and residuals 4h (split by TP with sequence parallelism), Q/K/V and
   their RoPE'd copies, attention output, SwiGLU 3*ffn (split by TP). Full recomputation keeps
-  only each layer's input plus one layer's working set. 1F1B keeps up to PP micro-batches in
-  flight on the first stage.
+  only each layer's input plus one layer's working set; selective and block recomputation in
+  between (MemoryEstimate.activations). 1F1B keeps up to PP micro-batches in flight on the
+  first stage.
+- `model.recompute: auto`: the candidate that recomputes the fewest FLOPs and fits
+  (plan_recompute).
 - loss: chunked cross-entropy holds two fp32 [chunk, vocab/tp] buffers; unchunked, the whole
   [tokens, vocab/tp] logits in bf16 and fp32 plus their gradient.
 - a fixed 4 GiB for the CUDA context, NCCL buffers and allocator fragmentation (GPU runs).
@@ -88,7 +91,8 @@ class RecomputePlan:
         """The model section with this plan in place of `recompute: auto`."""
         return dataclasses.replace(m, recompute=self.recompute,
                                    recompute_modules=list(self.modules) or m.recompute_modules,
-                                   recompute_method=self.method, recompute_num_layers=self.num_layers)
+                                   recompute_method=self.method,
+                                   recompute_num_layers=self.num_layers)
 
 
 @dataclass
@@ -110,7 +114,8 @@ class MemoryEstimate:
         recomputation the layers that kept everything are released before the first
         recomputed layer is rebuilt."""
         if isinstance(plan, str):
-            plan = {"none": RecomputePlan(), "selective": RecomputePlan("selective", ("core_attn",)),
+            plan = {"none": RecomputePlan(),
+                    "selective": RecomputePlan("selective", ("core_attn",)),
                     "full": RecomputePlan("full")}[plan]
         a, layers = self.layer, self.layers_per_stage
         per_layer, rebuilt = a.total, 0.0

@@ -185,7 +185,7 @@ def stage_command(stage: str, ns, parts: str) -> list[str]:
         return [py, "-m", "pytest", "-m", "gpu", "-q", "-rs", "-p", "no:cacheprovider",
                 *per_test, f"--basetemp={os.path.join(parts, 'pytest')}", "tests"]
     if stage in ("kernels", "kernels:512k"):
-        long = (TINY_LONG_KERNEL_ARGS if ns.tiny else LONG_KERNEL_ARGS) if stage != "kernels" else []
+        long = [] if stage == "kernels" else TINY_LONG_KERNEL_ARGS if ns.tiny else LONG_KERNEL_ARGS
         return [py, os.path.join(TOOLS, "bench_attention.py"), "--json",
                 os.path.join(parts, _results_file(stage))] + tiny + long
     kind, _, variant = stage.partition(":")
