@@ -75,7 +75,8 @@ def test_attention_variants_script(capsys):
     explore = _kit_module("explore_attention")
     bench = load_tool("bench_attention")
     ns = bench.parse_args(["--tiny"])
-    assert set(explore.variants(ns)) >= {"flex", "varlen", "sdpa-cudnn", "sdpa-cudnn-gqa"}
+    assert set(explore.variants(ns)) >= {"flex", "varlen", "sdpa-cudnn", "sdpa-cudnn-gqa",
+                                         "cudnn", "cudnn-s-row"}
     for gqa in (False, True):
         fn = explore._sdpa(ns.head_dim ** -0.5, SDPBackend.MATH, gqa=gqa)
         result = bench.check(fn, ns, [100, 1, 183, 100], seed=2)
