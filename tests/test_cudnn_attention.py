@@ -11,7 +11,7 @@ from megatron_prolong.model.attention import attention_per_document
 from megatron_prolong.model.cudnn_attention import (OFF_KV, OFF_Q, OFF_STATS, SEQ_LEN, RowShape,
                                                     cudnn_document_attention, document_batch,
                                                     ragged_arguments)
-from tests import cudnn_contract
+import cudnn_contract
 
 
 @pytest.fixture
