@@ -24,7 +24,7 @@ class ConfigError(ValueError):
 
 
 # Kernels of the project's document-masked attention (model/attention.py), for validation.
-LOCAL_ATTENTION_KERNELS = ("auto", "flex", "varlen", "flash", "sdpa")
+LOCAL_ATTENTION_KERNELS = ("auto", "cudnn", "flex", "varlen", "flash", "sdpa")
 # The synthetic recall tasks megatron_prolong.evaluation generates (named here for validation).
 RECALL_TASKS = ("json_kv", "niah_mk")
 
@@ -50,15 +50,25 @@ class ModelConfig:
     # auto: Transformer Engine when importable on CUDA, else the project's document-masked
     # attention (FlexAttention / flash-attn / PyTorch kernels on CUDA, SDPA per document on CPU).
     attention_backend: str = "auto"  # auto | te | local
-    # Kernel of the local path (docs/performance.md). auto: FlexAttention, else flash-attn
-    # varlen, else PyTorch's varlen on CUDA in bf16/fp16; SDPA per document otherwise.
-    local_attention_kernel: str = "auto"  # auto | flex | varlen | flash | sdpa
-    # none | selective (core attention only) | full (whole layers, `recompute_num_layers` each)
+    # Kernel of the local path (docs/performance.md). auto on CUDA in bf16/fp16: cuDNN's
+    # packed-row kernel (Hopper+, nvidia-cudnn-frontend), else FlexAttention, else flash-attn
+    # varlen, else PyTorch's varlen; SDPA per document otherwise.
+    local_attention_kernel: str = "auto"  # auto | cudnn | flex | varlen | flash | sdpa
+    # none | selective (`recompute_modules` of every layer) | full (whole layers: with
+    # recompute_method uniform, every layer in units of `recompute_num_layers`; with block, the
+    # first `recompute_num_layers` layers of each pipeline stage) | auto (the least
+    # recomputation that the dry run's memory model fits on the GPU: docs/performance.md)
     recompute: str = "none"
     recompute_num_layers: int = 1
+    recompute_method: str = "uniform"  # uniform | block (recompute: full)
+    # recompute: selective; any of core_attn, mlp, layernorm (megatron-core's names)
+    recompute_modules: list[str] = field(default_factory=lambda: ["core_attn"])
     # On CUDA, megatron-core's fused SwiGLU (one torch.compile'd kernel each way instead of
     # chunk + silu + mul); TE's spec fuses it itself. CPU runs keep the plain PyTorch ops.
     fused_swiglu: bool = True
+    # The chunked loss's element-wise work in torch.compile'd kernels (model/loss.py; CUDA, not
+    # measured yet, so off). CPU runs the same formulas uncompiled.
+    fused_loss: bool = False
 
     @property
     def kv_channels(self) -> int:
@@ -511,6 +521,30 @@ def _check_signs(cfg: RunConfig, errors: list[str]) -> None:
         _require(0.0 <= value < 1.0, f"optimizer.{name}={value}: must be in [0, 1)", errors)
 
 
+RECOMPUTE_MODULES = ("core_attn", "mlp", "layernorm")  # megatron-core's, dense models
+
+
+def _validate_recompute(m: ModelConfig, pp: int, errors: list[str]) -> None:
+    _require(m.recompute in ("none", "selective", "full", "auto"),
+             f"model.recompute={m.recompute!r}: choose none, selective, full or auto", errors)
+    _require(m.recompute_method in ("uniform", "block"),
+             f"model.recompute_method={m.recompute_method!r}: choose uniform or block", errors)
+    bad = [x for x in m.recompute_modules if x not in RECOMPUTE_MODULES]
+    _require(not bad and bool(m.recompute_modules) or m.recompute != "selective",
+             f"model.recompute_modules={m.recompute_modules}: choose one or more of "
+             f"{', '.join(RECOMPUTE_MODULES)}", errors)
+    _require(m.recompute != "selective" or "layernorm" not in m.recompute_modules
+             or m.attention_backend != "local",
+             "model.recompute_modules=layernorm: runs only on the Transformer Engine spec in "
+             "megatron-core 0.16.1 (model.attention_backend is local); use core_attn or mlp",
+             errors)
+    per_stage = m.num_layers // max(pp, 1)
+    _require(m.recompute != "full" or m.recompute_method != "block"
+             or m.recompute_num_layers <= per_stage,
+             f"model.recompute_num_layers={m.recompute_num_layers}: with recompute_method=block "
+             f"at most the {per_stage} layers of a pipeline stage", errors)
+
+
 def validate(cfg: RunConfig, world_size: int) -> Layout:
     """Check everything that can be checked before a process group or a tensor exists.
 
@@ -566,8 +600,7 @@ def validate(cfg: RunConfig, world_size: int) -> Layout:
              f"model.local_attention_kernel={m.local_attention_kernel!r}: picks a kernel of the "
              f"local attention path only; set model.attention_backend=local (it is "
              f"{m.attention_backend!r}; auto takes Transformer Engine where installed)", errors)
-    _require(m.recompute in ("none", "selective", "full"),
-             f"model.recompute={m.recompute!r}: choose none, selective or full", errors)
+    _validate_recompute(m, p.pipeline, errors)
     _require(t.precision in ("fp32", "bf16"),
              f"training.precision={t.precision!r}: choose fp32 or bf16", errors)
     _require(t.device in ("auto", "cpu", "cuda"),

@@ -167,12 +167,14 @@ def test_kernel_choice_on_cpu():
     assert resolve_kernel("auto", "cuda", torch.float32) == "sdpa"
 
 
-@pytest.mark.parametrize("missing,chosen", [((), "flex"), (("flex",), "flash"),
-                                            (("flex", "flash"), "varlen"),
-                                            (("flex", "flash", "varlen"), "sdpa")])
+@pytest.mark.parametrize("missing,chosen", [((), "cudnn"), (("cudnn",), "flex"),
+                                            (("cudnn", "flex"), "flash"),
+                                            (("cudnn", "flex", "flash"), "varlen"),
+                                            (("cudnn", "flex", "flash", "varlen"), "sdpa")])
 def test_auto_kernel_order_on_cuda(monkeypatch, missing, chosen):
-    """auto on CUDA in bf16: FlexAttention first (fastest measured on an H100), then
-    flash-attn, then PyTorch's varlen; SDPA per document where none can run."""
+    """auto on CUDA in bf16: cuDNN's packed-row kernel (Hopper+), then FlexAttention (fastest
+    measured on an H100 before it), flash-attn, PyTorch's varlen; SDPA per document where none
+    can run."""
     monkeypatch.setattr(attention, "kernel_unavailable",
                         lambda name, device, dtype: "absent" if name in missing else None)
     attention.resolve_kernel.cache_clear()
@@ -204,7 +206,7 @@ def test_explicit_sdpa_kernel_is_the_per_document_kernel():
 
 
 @pytest.mark.parametrize("overrides,needle", [
-    (["model.local_attention_kernel=fast"], "choose auto, flex, varlen, flash, sdpa"),
+    (["model.local_attention_kernel=fast"], "choose auto, cudnn, flex, varlen, flash, sdpa"),
     (["model.local_attention_kernel=flex"], "set model.attention_backend=local"),
     (["model.local_attention_kernel=flex", "model.attention_backend=te"],
      "set model.attention_backend=local"),
@@ -215,7 +217,7 @@ def test_kernel_config_rules(overrides, needle):
 
 
 def test_kernel_config_accepts_local_choices():
-    for kernel in ("auto", "flex", "varlen", "flash", "sdpa"):
+    for kernel in ("auto", "cudnn", "flex", "varlen", "flash", "sdpa"):
         validate(load_config(None, ["model.attention_backend=local",
                                     f"model.local_attention_kernel={kernel}"]), 1)
 

@@ -12,7 +12,7 @@ from test_bench_hf_peer import peer_hidden_packed_vs_alone
 from tool_modules import TOOLS, load_tool
 
 pytestmark = pytest.mark.gpu
-KERNELS = ["flash", "varlen", "flex", "sdpa"]
+KERNELS = ["cudnn", "flash", "varlen", "flex", "sdpa"]
 
 
 def _need(kernel: str):
@@ -35,6 +35,33 @@ def test_kernel_matches_per_document_reference_bf16(kernel):
     for seed, lengths in enumerate(([4096], [1000, 7, 2100, 1, 988], [128] * 30 + [256])):
         result = bench.check(fn, ns, lengths, seed)
         assert result["passed"], (lengths[:5], result["rel_error"])
+
+
+def test_cudnn_kernel_never_synchronizes_with_the_host():
+    """Once its graphs are built, a row's forward and backward on the cudnn kernel make no
+    synchronizing CUDA call (PyTorch's sync debug mode turns one into an error)."""
+    _need("cudnn")
+    from megatron_prolong.model.cudnn_attention import cudnn_document_attention
+
+    def step(lengths):
+        cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32,
+                          device="cuda")
+        q = torch.randn(sum(lengths), 16, 128, device="cuda", dtype=torch.bfloat16,
+                        requires_grad=True)
+        k, v = (torch.randn(sum(lengths), 4, 128, device="cuda", dtype=torch.bfloat16,
+                            requires_grad=True) for _ in range(2))
+        grad = torch.randn_like(q)
+        torch.cuda.synchronize()
+        return lambda: cudnn_document_attention(q, k, v, cu, 0.088).backward(grad)
+
+    step([1000, 3000, 96])()  # builds the graphs (3 documents: a batch of 4)
+    run = step([2048, 1024, 1024])  # another layout of the same row length and buckets
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        run()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
 
 
 @pytest.mark.parametrize("kernel", KERNELS)

@@ -49,7 +49,8 @@ def test_wheel_checks(tmp_path):
 
 def test_the_project_wheels_list_covers_megatron_core():
     fetch = _kit_module("fetch_wheels")
-    assert {"megatron-core", "zstandard"} <= set(fetch.read_names(os.path.join(KIT, "wheels.txt")))
+    assert {"megatron-core", "zstandard", "nvidia-cudnn-frontend"} <= set(
+        fetch.read_names(os.path.join(KIT, "wheels.txt")))
 
 
 def test_pytest_summary_line():
@@ -74,7 +75,8 @@ def test_attention_variants_script(capsys):
     explore = _kit_module("explore_attention")
     bench = load_tool("bench_attention")
     ns = bench.parse_args(["--tiny"])
-    assert set(explore.variants(ns)) >= {"flex", "varlen", "sdpa-cudnn", "sdpa-cudnn-gqa"}
+    assert set(explore.variants(ns)) >= {"flex", "varlen", "sdpa-cudnn", "sdpa-cudnn-gqa",
+                                         "cudnn", "cudnn-s-row"}
     for gqa in (False, True):
         fn = explore._sdpa(ns.head_dim ** -0.5, SDPBackend.MATH, gqa=gqa)
         result = bench.check(fn, ns, [100, 1, 183, 100], seed=2)
@@ -177,12 +179,12 @@ def test_every_stage_end_to_end_at_cpu_sizes(tmp_path):
     """kernels, bench (ours) and peer through the kit on CPU with --profile: the same code and
     files a GPU run produces (the tests stage is pytest itself, left out here)."""
     r = subprocess.run([sys.executable, os.path.join(KIT, "run_kit.py"), str(tmp_path), "--tiny",
-                        "--steps", "4", "--profile", "kernels", "bench", "peer"],
+                        "--steps", "4", "--profile", "kernels", "kernels:512k", "bench", "peer"],
                        capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
     results = json.loads((tmp_path / "results.json").read_text())
-    assert [s["stage"] for s in results["stages"]] == ["env", "kernels", "bench:local-sdpa",
-                                                       "peer"]
+    assert [s["stage"] for s in results["stages"]] == ["env", "kernels", "kernels:512k",
+                                                       "bench:local-sdpa", "peer"]
     assert results["env"]["bench_backends"] == ["local-sdpa"]
     rows = {row["name"]: row for row in results["rows"]}
     assert set(rows) == {"local-sdpa", "hf-peer-sdpa"}
@@ -191,6 +193,9 @@ def test_every_stage_end_to_end_at_cpu_sizes(tmp_path):
         assert all(loss == loss for loss in row["losses"])  # finite, not NaN
     kernels = {k["kernel"]: k for k in results["kernels"]["kernels"]}
     assert kernels["sdpa"]["passed"] and not kernels["flex"]["available"]
+    assert not kernels["cudnn"]["available"]
+    long = {k["kernel"]: k for k in results["kernels_512k"]["kernels"]}
+    assert long["sdpa"]["passed"] and list(results["kernels_512k"]["rows"]) == ["one-document"]
     assert "aten::" in (tmp_path / "profiles.txt").read_text()
     assert "| local-sdpa |" in (tmp_path / "results.md").read_text()
     assert sorted(os.listdir(tmp_path)) == ["kit.log", "profiles.txt", "results.json",
@@ -202,3 +207,59 @@ def test_kernel_bench_rows(tmp_path):
     rows = bench.packed_rows(65536, 1234)
     assert all(sum(lengths) == 65536 for lengths in rows.values())
     assert len(rows["short-docs"]) > 20 and 1 <= len(rows["recipe-row"]) <= 4
+
+
+def test_quick_runs_the_two_best_benches_with_planner_and_fusion_the_peer_kernels_and_tests(
+        tmp_path, monkeypatch):
+    kit = _kit_module("run_kit")
+    commands = []
+
+    def fake_run(cmd, limit, log):
+        commands.append(cmd)
+        if "--probe" in cmd:
+            env = dict(bench_backends=["local-cudnn", "local-flex", "local-varlen"])
+            return 0, json.dumps(env) + "\n"
+        return 0, ""
+
+    monkeypatch.setattr(kit, "run_process", fake_run)
+    kit.main([str(tmp_path), "--quick"])
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert [s["stage"] for s in results["stages"]] == [
+        "env", "bench:local-cudnn+plan+fused", "peer", "kernels", "bench:local-flex+plan+fused",
+        "tests"]
+    bench = commands[1]
+    assert "model.local_attention_kernel=cudnn" in bench and "model.recompute=auto" in bench
+    assert "model.fused_loss=true" in bench and "training.train_steps=5" in bench
+    ns = kit.parse_args(["out"])
+    with pytest.raises(ValueError, match="bench:local-flex"):
+        kit.stage_command("bench:local-flex+fast", ns, "/parts")
+
+
+def test_512k_kernel_stage_checks_one_long_document():
+    kit = _kit_module("run_kit")
+    ns = kit.parse_args(["out", "kernels:512k"])
+    cmd = kit.stage_command("kernels:512k", ns, "/parts")
+    assert cmd[cmd.index("--seq-length") + 1] == "524288" and "--one-document" in cmd
+    assert cmd[cmd.index("--kernels") + 1] == "cudnn"
+    assert cmd[cmd.index("--json") + 1] == "/parts/kernels-512k.json"
+
+
+def test_one_document_check_compares_a_subset_of_heads():
+    """bench_attention's 512K mode on CPU: one document; the reference on the first K/V group
+    only still catches a wrong head in that group."""
+    import torch
+
+    bench = load_tool("bench_attention")
+    ns = bench.parse_args(["--tiny", "--one-document", "--seq-length", "96", "--ref-groups", "1"])
+    assert bench.packed_rows(96, 1, True) == {"one-document": [96]}
+    from megatron_prolong.model.attention import attention_per_document
+
+    scale = ns.head_dim ** -0.5
+    exact = lambda q, k, v, cu, m: attention_per_document(q, k, v, cu, scale)  # noqa: E731
+    assert bench.check(exact, ns, [96], seed=3)["passed"]
+
+    def wrong_first_head(q, k, v, cu, m):
+        out = attention_per_document(q, k, v, cu, scale)
+        return torch.cat([out[:, :1] * 1.5, out[:, 1:]], dim=1)
+
+    assert not bench.check(wrong_first_head, ns, [96], seed=3)["passed"]

@@ -29,14 +29,40 @@ def _max_rel(a, b):
     return float((a - b).abs().max() / b.abs().max())
 
 
+@pytest.mark.parametrize("fused", [False, True])
 @pytest.mark.parametrize("chunk", [1, 7, 64, 10_000])
-def test_chunked_equals_full_logits(chunk):
+def test_chunked_equals_full_logits(chunk, fused):
+    """The plain chunk loop and the fused one (model.fused_loss: its element-wise kernels run
+    uncompiled on CPU, the same formulas torch.compile fuses on CUDA)."""
     args = _inputs()
     want = _loss_and_grads(full_logits_cross_entropy, *args)
-    got = _loss_and_grads(lambda h, w, l: chunked_cross_entropy(h, w, l, chunk), *args)
+    got = _loss_and_grads(lambda h, w, l: chunked_cross_entropy(h, w, l, chunk, fused=fused),
+                          *args)
     for g, w in zip(got, want):
         assert g.shape == w.shape
         assert _max_rel(g, w) <= 1e-5
+
+
+def test_fused_loss_in_bf16_matches_the_plain_loop():
+    hidden, weight, labels, upstream = (x.bfloat16() if x.is_floating_point() else x
+                                        for x in _inputs(s=64, vocab=96))
+    plain, fused = (_loss_and_grads(lambda h, w, l, f=f: chunked_cross_entropy(h, w, l, 24,
+                                                                               fused=f),
+                                    hidden, weight, labels, upstream) for f in (False, True))
+    for p, f in zip(plain, fused):
+        assert p.dtype == f.dtype and _max_rel(f.float(), p.float()) <= 1e-2
+
+
+@pytest.mark.gpu
+def test_fused_loss_compiled_on_cuda():
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    hidden, weight, labels, upstream = (x.cuda() for x in _inputs(s=300, vocab=1000))
+    want = _loss_and_grads(full_logits_cross_entropy, hidden, weight, labels, upstream)
+    got = _loss_and_grads(lambda h, w, l: chunked_cross_entropy(h, w, l, 128, fused=True),
+                          hidden, weight, labels, upstream)
+    for g, w in zip(got, want):
+        assert _max_rel(g, w) <= 1e-4
 
 
 def test_chunk_size_must_be_positive():
@@ -69,6 +95,13 @@ def _tp2_case():
     (loss * upstream).sum().backward()
     out = {"loss": _max_rel(loss.detach(), ref[0]), "hidden_grad": _max_rel(h.grad, ref[1]),
            "weight_grad": _max_rel(w.grad, ref[2][rank * 32:(rank + 1) * 32])}
+    # The fused loop (model.fused_loss) makes the same all-reduces.
+    h.grad, w.grad = None, None
+    loss = chunked_cross_entropy(copy_to_tensor_model_parallel_region(h, group=group), w,
+                                 labels, 13, group, fused=True)
+    (loss * upstream).sum().backward()
+    out["fused"] = [_max_rel(loss.detach(), ref[0]), _max_rel(h.grad, ref[1]),
+                    _max_rel(w.grad, ref[2][rank * 32:(rank + 1) * 32])]
 
     cfg = load_config(None, ["model.preset=tiny", "parallel.tensor=2"])
     tokens = torch.randint(0, cfg.model.vocab_size, (1, 64), generator=torch.Generator().manual_seed(3))
@@ -91,6 +124,7 @@ def test_chunked_loss_under_tensor_parallelism():
         assert rank_result["hidden_grad"] <= 1e-5, rank_result
         assert rank_result["weight_grad"] <= 1e-5, rank_result
         assert max(rank_result["model"]) <= 1e-5, rank_result
+        assert max(rank_result["fused"]) <= 1e-5, rank_result
 
 
 def test_masked_token_loss_reports_per_domain_sums():

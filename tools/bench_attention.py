@@ -5,7 +5,8 @@ rows: forward and backward against the per-document reference, then forward + ba
     python tools/bench_attention.py --json results/kernels.json
     python tools/bench_attention.py --tiny                 # CPU smoke run (CI runs it)
 
-Kernels: the local path's flash (flash-attn varlen), varlen (PyTorch's varlen attention), flex
+Kernels: the local path's cudnn (cuDNN's fused attention over the packed row in one call),
+flash (flash-attn varlen), varlen (PyTorch's varlen attention), flex
 (FlexAttention + document BlockMask, compiled), sdpa (SDPA per document), each through
 model/attention.py's varlen_causal_attention as training calls it; and te (Transformer Engine's
 DotProductAttention, THD, padding_causal) where TE is importable. One that cannot run here is
@@ -39,7 +40,7 @@ import torch  # noqa: E402
 
 from bench_common import write_json  # noqa: E402
 
-KERNELS = ("flash", "varlen", "flex", "sdpa", "te")
+KERNELS = ("cudnn", "flash", "varlen", "flex", "sdpa", "te")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 TINY = ["--device", "cpu", "--seq-length", "384", "--heads", "4", "--groups", "2",
         "--head-dim", "16", "--dtype", "fp32", "--iters", "2"]
@@ -60,6 +61,12 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
                    help="relative error bound of the output (gradients: twice it); default "
                         "1e-2 in bf16/fp16, 1e-5 in fp32")
     p.add_argument("--iters", type=int, default=10, help="timed repetitions")
+    p.add_argument("--one-document", action="store_true",
+                   help="check and time one row holding one document of --seq-length tokens "
+                        "(the 512K check: --seq-length 524288) instead of the two 64K rows")
+    p.add_argument("--ref-groups", type=int, default=None,
+                   help="compare only the first N K/V groups (and their query heads) with the "
+                        "fp32 reference, which then costs N/groups of the full one (512K)")
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--json", help="write the results here")
     p.add_argument("--tiny", action="store_true", help="CPU smoke configuration (seconds)")
@@ -71,8 +78,10 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     return ns
 
 
-def packed_rows(seq_length: int, seed: int) -> dict[str, list[int]]:
-    """Document lengths of the two rows every kernel sees."""
+def packed_rows(seq_length: int, seed: int, one_document: bool = False) -> dict[str, list[int]]:
+    """Document lengths of the two rows every kernel sees (or the one-document row)."""
+    if one_document:
+        return {"one-document": [seq_length]}
     from megatron_prolong.training.data_source import SyntheticPackedDataset
 
     recipe_row = SyntheticPackedDataset(seq_length, 2, seed).segment_lengths(0).tolist()
@@ -152,10 +161,15 @@ def check(fn, ns, lengths: list[int], seed: int) -> dict:
 
     cu = _cu(lengths, ns.device)
     q, k, v, grad_out = _inputs(ns, sum(lengths), seed)
+    got = _forward_backward(lambda *x: fn(*x, cu, max(lengths)), q, k, v, grad_out)
+    groups = ns.ref_groups or ns.groups
+    heads = groups * (ns.heads // ns.groups)  # megatron orders query heads group by group
+    if groups < ns.groups:
+        got = [x[:, :n] for x, n in zip(got, (heads, heads, groups, groups))]
+        q, grad_out, k, v = q[:, :heads], grad_out[:, :heads], k[:, :groups], v[:, :groups]
     ref = _forward_backward(
         lambda *x: attention_per_document(*x, cu, ns.head_dim ** -0.5),
         q.float(), k.float(), v.float(), grad_out.float())
-    got = _forward_backward(lambda *x: fn(*x, cu, max(lengths)), q, k, v, grad_out)
     errors = {name: _rel(a, b) for name, a, b in zip(("out", "dq", "dk", "dv"), got, ref)}
     bounds = {"out": ns.tolerance, "dq": 2 * ns.tolerance, "dk": 2 * ns.tolerance,
               "dv": 2 * ns.tolerance}
@@ -210,7 +224,7 @@ def graphs_over_layouts(fn, ns) -> Optional[int]:
 
 
 def run(ns) -> dict:
-    rows = packed_rows(ns.seq_length, ns.seed)
+    rows = packed_rows(ns.seq_length, ns.seed, ns.one_document)
     results = []
     for name in ns.kernels:
         fn, reason = kernel_function(name, ns)
@@ -231,6 +245,7 @@ def run(ns) -> dict:
         print(describe(entry, rows), flush=True)
     return dict(device=torch.cuda.get_device_name() if ns.device == "cuda" else "cpu",
                 dtype=ns.dtype, seq_length=ns.seq_length, heads=ns.heads, groups=ns.groups,
+                reference_groups=ns.ref_groups or ns.groups,
                 head_dim=ns.head_dim, tolerance=ns.tolerance, torch=torch.__version__,
                 rows={k: len(v) for k, v in rows.items()}, kernels=results)
 
@@ -256,6 +271,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     ns = parse_args(argv)
     if ns.heads % ns.groups:
         print(f"error: --heads {ns.heads} is not a multiple of --groups {ns.groups}",
+              file=sys.stderr)
+        return 2
+    if ns.ref_groups is not None and not 1 <= ns.ref_groups <= ns.groups:
+        print(f"error: --ref-groups {ns.ref_groups} must be in 1..--groups ({ns.groups})",
               file=sys.stderr)
         return 2
     result = run(ns)

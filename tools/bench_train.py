@@ -54,6 +54,15 @@ def kernel_label(cfg, on_cuda: bool) -> str:
                                      "cuda" if on_cuda else "cpu", dtype)
 
 
+def recompute_label(config) -> str:
+    """megatron-core's recomputation settings in a table cell: none, selective (mlp), ..."""
+    if config.recompute_granularity is None:
+        return "none"
+    if config.recompute_granularity == "selective":
+        return f"selective ({', '.join(config.recompute_modules)})"
+    return f"full ({config.recompute_method}, {config.recompute_num_layers})"
+
+
 def run(ns: argparse.Namespace, run_dir: str) -> dict:
     from megatron_prolong.config import load_config, validate
     from megatron_prolong.training.loop import train
@@ -77,9 +86,11 @@ def run(ns: argparse.Namespace, run_dir: str) -> dict:
     device = "cpu" if runtime.on_cpu else "cuda"
     name = ns.name or kernel_label(cfg, device == "cuda")
     profiler = StepProfiler(device)
-    work, peaks, losses = [], [], []
+    work, peaks, losses, recompute = [], [], [], []
 
     def hook(step, result, state, batches):
+        if not recompute:  # what ran: model.recompute=auto is resolved when the model is built
+            recompute.append(recompute_label(state.model[0].config))
         work.append(step_work(cfg, batches))
         peaks.append(peak_memory_gib(device))
         losses.append(result.loss)
@@ -101,6 +112,7 @@ def run(ns: argparse.Namespace, run_dir: str) -> dict:
     timed = timed_steps(steps[:total - profile_steps], ns.warmup)
     row = result_row(name, cfg, device, timed, max(peaks),
                      kind="megatron-prolong", recipe=os.path.relpath(ns.recipe),
+                     recompute=recompute[0] if recompute else None,
                      overrides=ns.overrides, losses=losses, all_step_times_s=seconds)
     if profiler.active:
         row["profile"] = profiler.report()

@@ -46,7 +46,7 @@ def validation_sums(batch: dict, per_token_loss: torch.Tensor) -> torch.Tensor:
     position bucket (the last column: tokens of segments too short for the buckets)."""
     domains, buckets = batch["eval_sizes"]
     mask = batch["loss_mask"].reshape(-1).double()
-    loss = per_token_loss.reshape(-1).double() * mask
+    loss = torch.where(mask > 0, per_token_loss.reshape(-1).double(), 0.0)  # NaN x 0 is NaN
     sums = torch.zeros(2, domains + buckets + 1, dtype=torch.float64, device=mask.device)
     for offset, ids in ((0, batch["eval_domain"]), (domains, batch["eval_bucket"])):
         ids = ids.reshape(-1).long() + offset

@@ -12,8 +12,11 @@ Kernels (`model.local_attention_kernel`, resolved once per dtype and device):
 - varlen: PyTorch's varlen attention, torch.nn.attention.varlen (CUDA, bf16/fp16).
 - flex: FlexAttention with a document BlockMask built from cu_seqlens, torch.compile'd (CUDA).
   Tests run the same mask uncompiled on CPU (exact arithmetic over [heads, t, t] scores).
+- cudnn: cuDNN's fused attention over the whole packed row in one call, document offsets on
+  the device (model/cudnn_attention.py; CUDA sm90+, bf16/fp16, nvidia-cudnn-frontend).
 - sdpa: scaled-dot-product attention per document (exact; any device and dtype).
-- auto: on CUDA in bf16/fp16 the first of flex, flash, varlen that is available; else sdpa.
+- auto: on CUDA in bf16/fp16 the first of cudnn, flex, flash, varlen that is available; else
+  sdpa.
 None of them builds a dense [t, t] mask on the GPU.
 
 Context parallelism (cp > 1): Ulysses. Each CP rank holds megatron's load-balanced slice of the
@@ -36,6 +39,7 @@ from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.transformer.module import MegatronModule
 
 from megatron_prolong.config import LOCAL_ATTENTION_KERNELS, ConfigError
+from megatron_prolong.model import cudnn_attention
 from megatron_prolong.model.context_parallel import ulysses_attention
 
 try:  # GPU clusters only
@@ -217,12 +221,15 @@ def flex_document_attention(q, k, v, cu_seqlens: torch.Tensor, scale: float) -> 
 # Choosing the kernel
 # ---------------------------------------------------------------------------------------------
 HALF = (torch.float16, torch.bfloat16)
+AUTO_ORDER = ("cudnn", "flex", "flash", "varlen")  # on CUDA in bf16/fp16
 
 
 def kernel_unavailable(name: str, device_type: str, dtype: torch.dtype) -> Optional[str]:
     """Why kernel `name` cannot run on this device and dtype, or None when it can."""
     if name == "sdpa":
         return None
+    if name == "cudnn":
+        return cudnn_attention.unavailable(device_type, dtype)
     if name == "flex":
         if _flex_module() is None:
             return f"torch {torch.__version__} has no torch.nn.attention.flex_attention"
@@ -246,9 +253,12 @@ def resolve_kernel(requested: str, device_type: str, dtype: torch.dtype) -> str:
     that cannot run here is a ConfigError (exit status 2), never a silent substitute."""
     if requested == "auto":
         if device_type == "cuda" and dtype in HALF:
-            # FlexAttention first: on an H100 it beat FlashAttention-2-class varlen kernels
-            # by 9% tokens/s in training at 64K (docs/performance.md).
-            for name in ("flex", "flash", "varlen"):
+            # cuDNN's packed-row kernel first where it runs (Hopper+): SDPA per document on the
+            # same cuDNN kernel ran 509 TFLOP/s against FlexAttention's 394 on an H100, and the
+            # packed call removes SDPA's per-document host loop. Then FlexAttention: it beat
+            # FlashAttention-2-class varlen kernels by 9% tokens/s in training at 64K
+            # (docs/performance.md).
+            for name in AUTO_ORDER:
                 if kernel_unavailable(name, device_type, dtype) is None:
                     return name
         return "sdpa"
@@ -277,6 +287,8 @@ def varlen_causal_attention(q, k, v, cu_seqlens, max_seqlen: Optional[int], scal
         return _torch_varlen_attention(q, k, v, cu, max_seqlen, scale)
     if name == "flex":
         return flex_document_attention(q, k, v, cu_seqlens.to(q.device), scale)
+    if name == "cudnn":
+        return cudnn_attention.cudnn_document_attention(q, k, v, cu, scale, max_seqlen)
     return attention_per_document(q, k, v, cu, scale)
 
 

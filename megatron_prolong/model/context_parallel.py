@@ -155,12 +155,28 @@ def pad_microbatches(microbatches: list[dict], config) -> list[dict]:
     return padded
 
 
+def share_unpadded_offsets(batch: dict) -> dict:
+    """The batch with `cu_seqlens_padded` replaced by the `cu_seqlens` tensor itself where no
+    document needed padding (values compared on the host, before the batch moves to the GPU):
+    Transformer Engine runs slower when equal offsets come in two tensors (TE issue 3487)."""
+    cu, cu_padded = batch["cu_seqlens"], batch.get("cu_seqlens_padded")
+    if cu_padded is None or cu_padded is cu:
+        return batch
+    if cu.device.type == "cpu" and cu_padded.device.type == "cpu" and torch.equal(
+            cu.to(torch.int64), cu_padded.to(torch.int64)):
+        return {**batch, "cu_seqlens_padded": cu}
+    return batch
+
+
 def packed_seq_params(batch: dict, device) -> PackedSeqParams:
-    """megatron-core's THD description of a packed row: cu_seqlens (true lengths) and, under
-    CP, cu_seqlens_padded; both global even on a CP rank that holds a share of the row."""
+    """megatron-core's THD description of a packed row: cu_seqlens (true lengths) and
+    cu_seqlens_padded (under CP the padded ones); both global even on a CP rank that holds a
+    share of the row. Without padding both are the same tensor object (TE issue 3487)."""
     cu = batch["cu_seqlens"].to(device=device, dtype=torch.int32)
-    cu_padded = batch.get("cu_seqlens_padded")
-    if cu_padded is not None:
+    cu_padded = share_unpadded_offsets(batch).get("cu_seqlens_padded")
+    if cu_padded is None or cu_padded is batch["cu_seqlens"]:
+        cu_padded = cu
+    else:
         cu_padded = cu_padded.to(device=device, dtype=torch.int32)
     max_seqlen = int(batch.get("max_seqlen") or int((cu[1:] - cu[:-1]).max()))
     return PackedSeqParams(
@@ -189,9 +205,16 @@ def forward_packed_row(model, batch: dict) -> tuple[dict, torch.Tensor]:
     Returns (this CP rank's share of the row with every tensor on the model's device, the
     model's output: per-token losses on the last pipeline stage, activations elsewhere).
     """
-    batch = batch_for_this_cp_rank(batch, model.config)
+    batch = share_unpadded_offsets(batch_for_this_cp_rank(batch, model.config))
     device = next(model.parameters()).device
-    batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    moved: dict = {}  # by identity: cu_seqlens_padded may be cu_seqlens itself
+
+    def to_device(v):
+        if id(v) not in moved:
+            moved[id(v)] = v.to(device)
+        return moved[id(v)]
+
+    batch = {k: to_device(v) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
     output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"],
                    packed_seq_params=packed_seq_params(batch, device))
     return batch, output

@@ -37,6 +37,28 @@ def use_transformer_engine(model: ModelConfig) -> bool:
     return model.attention_backend == "auto" and transformer_engine_available()
 
 
+LAYERNORM_RECOMPUTE_NEEDS_TE = (
+    "model.recompute_modules=layernorm: megatron-core 0.16.1's output-discarding layernorm "
+    "recomputation runs only on the Transformer Engine spec (on the local spec its "
+    "CheckpointWithoutOutput calls TE's FP8 state manager); use core_attn or mlp, or "
+    "model.attention_backend=te")
+
+
+def recompute_kwargs(model: ModelConfig) -> dict:
+    """megatron-core's recomputation settings for a resolved `model.recompute` (`auto` is
+    resolved from the memory model first: training/dry_run.py plan_recompute)."""
+    if model.recompute == "selective":
+        return dict(recompute_granularity="selective",
+                    recompute_modules=list(model.recompute_modules))
+    if model.recompute == "full":
+        return dict(recompute_granularity="full", recompute_method=model.recompute_method,
+                    recompute_num_layers=model.recompute_num_layers)
+    if model.recompute != "none":
+        raise ValueError(f"model.recompute={model.recompute!r} must be resolved before the "
+                         "model is built (training/dry_run.py plan_recompute)")
+    return {}
+
+
 def to_transformer_config(
     model: ModelConfig,
     parallel: ParallelConfig,
@@ -47,12 +69,6 @@ def to_transformer_config(
 ) -> TransformerConfig:
     """Build megatron-core's TransformerConfig for a Llama-3-shaped model."""
     bf16 = precision == "bf16"
-    recompute = {}
-    if model.recompute == "selective":
-        recompute = dict(recompute_granularity="selective")
-    elif model.recompute == "full":
-        recompute = dict(recompute_granularity="full", recompute_method="uniform",
-                         recompute_num_layers=model.recompute_num_layers)
     return TransformerConfig(
         num_layers=model.num_layers,
         hidden_size=model.hidden_size,
@@ -87,7 +103,7 @@ def to_transformer_config(
         gradient_accumulation_fusion=False,
         apply_rope_fusion=False,
         use_cpu_initialization=on_cpu,
-        **recompute,
+        **recompute_kwargs(model),
         # TE's own CP (cp_comm_type, a2a+p2p groups); the local path does Ulysses itself.
         **(te_context_parallel_kwargs(parallel.context, parallel.cp_comm_type) if use_te else {}),
     )
@@ -134,10 +150,14 @@ def build_llama(
             "(model.attention_backend=te or auto on a GPU with TE installed); set "
             "parallel.sequence_parallel=false for the local attention path"
         )
+    if (not use_te and model.recompute == "selective"
+            and "layernorm" in model.recompute_modules):
+        raise ConfigError(LAYERNORM_RECOMPUTE_NEEDS_TE)
     config = to_transformer_config(model, parallel, precision=precision, on_cpu=on_cpu,
                                    use_te=use_te)
     model_class = ChunkedLossGPTModel if loss_chunk_size > 0 else GPTModel
-    extra = dict(loss_chunk_size=loss_chunk_size) if loss_chunk_size > 0 else {}
+    extra = (dict(loss_chunk_size=loss_chunk_size, fused_loss=model.fused_loss)
+             if loss_chunk_size > 0 else {})
     return model_class(
         config=config,
         transformer_layer_spec=llama_layer_spec(use_te, model.local_attention_kernel),

@@ -36,7 +36,9 @@ def masked_token_loss(loss_mask: torch.Tensor, per_token_loss: torch.Tensor,
     [loss sums per domain, token counts per domain] for per-domain loss curves.
     """
     mask = loss_mask.reshape(-1).float()
-    token_loss = per_token_loss.reshape(-1).float() * mask
+    # where, not a product: a masked position's loss may be NaN or inf (an all-padding chunk
+    # on a TE CP rank, TE issue 2186), and NaN x 0 is NaN.
+    token_loss = torch.where(mask > 0, per_token_loss.reshape(-1).float(), 0.0)
     loss_sum = token_loss.sum()
     count = mask.sum().to(torch.int)
     report = {"lm loss": torch.stack([loss_sum.detach(), mask.sum().detach()])}
@@ -84,10 +86,31 @@ class TrainState:
     forward_backward: Callable = field(repr=False, default=None)
 
 
+def resolved_model_config(cfg: RunConfig, runtime: Runtime, use_te: bool):
+    """cfg.model with `recompute: auto` replaced by the planner's choice for this GPU's memory
+    (training/dry_run.py); CPU runs recompute nothing (host memory is not planned)."""
+    if cfg.model.recompute != "auto":
+        return cfg.model
+    from megatron_prolong.config import validate
+    from megatron_prolong.training.dry_run import GIB, RecomputePlan, plan_recompute
+
+    if runtime.on_cpu:
+        plan = RecomputePlan()
+    else:
+        capacity = torch.cuda.get_device_properties(runtime.device).total_memory / GIB
+        planned = plan_recompute(cfg, validate(cfg, runtime.world_size), capacity, use_te)
+        plan = planned.plan
+        if runtime.rank == 0:
+            print(f"recompute auto -> {plan.label(cfg.model.num_layers // cfg.parallel.pipeline)}"
+                  f" (estimate {planned.total / GIB:.1f} of {capacity:.1f} GiB"
+                  f"{'' if planned.fits else ', does NOT fit'})", flush=True)
+    return plan.apply(cfg.model)
+
+
 def build_model_chunks(cfg: RunConfig, runtime: Runtime, wrap_ddp: bool = True) -> list:
     use_te = use_transformer_engine(cfg.model)
     module = build_llama(
-        cfg.model,
+        resolved_model_config(cfg, runtime, use_te),
         cfg.parallel,
         precision=cfg.training.precision,
         on_cpu=runtime.on_cpu,

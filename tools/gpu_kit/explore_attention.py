@@ -62,11 +62,21 @@ def _sdpa(scale: float, backend, gqa: bool):
     return fn
 
 
+def _cudnn_whole_row(scale: float):
+    from megatron_prolong.model.cudnn_attention import cudnn_document_attention
+
+    return lambda q, k, v, cu, max_seqlen: cudnn_document_attention(q, k, v, cu, scale)
+
+
 def variants(ns) -> dict:
     from torch.nn.attention import SDPBackend
 
     scale = ns.head_dim ** -0.5
     return {
+        "cudnn": lambda: bench.kernel_function("cudnn", ns)[0],
+        # S = the whole row instead of the longest document's bucket: fewer graphs, more
+        # (empty) work launched; which costs more is what this measures.
+        "cudnn-s-row": lambda: _cudnn_whole_row(scale),
         "varlen": lambda: bench.kernel_function("varlen", ns)[0],
         "flex": lambda: _flex(scale),
         "flex-tma": lambda: _flex(scale, kernel_options={"USE_TMA": True}),

@@ -1,6 +1,7 @@
 """The GPU kit's stages, results and report (started by tools/gpu_kit/run.sh on the GPU machine).
 
     bash tools/gpu_kit/run.sh OUT_DIR                          # every stage, within --budget-s
+    bash tools/gpu_kit/run.sh OUT_DIR --quick                  # the 9-minute measurement
     bash tools/gpu_kit/run.sh OUT_DIR bench:local-flex peer    # only the stages named
     python tools/gpu_kit/run_kit.py --merge OUT_DIR A/results.json B/results.json
     python tools/gpu_kit/run_kit.py OUT_DIR --tiny             # every stage on CPU, tiny (CI)
@@ -9,11 +10,17 @@ Stages, in this order; a stage that fails is recorded and the next one runs:
   env      versions, the GPU, which attention kernels and backends can run here (always first)
   tests    pytest -m gpu
   kernels  tools/bench_attention.py: every kernel against the per-document reference, timed
+           (kernels:512k: the cudnn kernel on one 524,288-token document, when named)
   bench    tools/bench_train.py on examples/bench_64k_1gpu.yaml, once per backend available:
-           bench:local-flex, bench:local-varlen, bench:te, bench:local-flash (and
-           bench:local-sdpa when named)
+           bench:local-cudnn, bench:local-flex, bench:local-varlen, bench:te,
+           bench:local-flash (and bench:local-sdpa when named); BACKEND+plan runs it with
+           model.recompute=auto (the planner's choice for this GPU) instead of the recipe's
+           full recomputation, BACKEND+fused with model.fused_loss=true; bench:best1 and
+           bench:best2 = the first and second available backend, +plan+fused
   peer     tools/bench_hf_peer.py, the HF transformers peer (peer:flash|flex|sdpa to choose);
            out of GPU memory with fp32 master weights, it runs again as peer-bf16 (bf16 weights)
+--quick = bench:best1 peer kernels bench:best2 tests, 5 steps per benchmark (about 7.5 minutes
+on an H100 from the 2026-11-22 timings), within a 540 s budget.
 Each stage is its own process under a time limit. A stage that would not fit in what is left
 of --budget-s is deferred: the log ends with the command that runs the rest, and --merge makes
 one report of several runs. OUT_DIR receives results.json (everything), results.md (tables),
@@ -43,12 +50,27 @@ STAGES = ("env", "tests", "kernels", "bench", "peer")
 # stage -> (time limit in seconds, least time left that is worth starting it)
 LIMITS = {"env": (180, 0), "tests": (300, 60), "kernels": (300, 60), "bench": (420, 150),
           "peer": (420, 150), "peer-bf16": (420, 150)}
-BACKEND_ORDER = ("local-flex", "local-varlen", "te", "local-flash")
+BACKEND_ORDER = ("local-cudnn", "local-flex", "local-varlen", "te", "local-flash")
 BACKEND_OVERRIDES = {
     "te": ["model.attention_backend=te"],
     **{f"local-{k}": ["model.attention_backend=local", f"model.local_attention_kernel={k}"]
-       for k in ("flex", "varlen", "flash", "sdpa")},
+       for k in ("cudnn", "flex", "varlen", "flash", "sdpa")},
 }
+# bench:BACKEND[+plan][+fused]: +plan lets the planner choose the recomputation
+# (model.recompute=auto), +fused runs the chunked loss's element-wise work compiled
+# (model.fused_loss=true)
+VARIANTS = {"+plan": ["model.recompute=auto"], "+fused": ["model.fused_loss=true"]}
+BEST = "+plan+fused"
+# Our best row and the peer first (the headline ratio), the kernel check before the second
+# bench, pytest last: what a short budget defers is what matters least.
+QUICK = ["bench:best1", "peer", "kernels", "bench:best2", "tests"]
+QUICK_STEPS, QUICK_BUDGET_S = 5, 540
+# The 512K check of the cudnn kernel: one document, every head run, the first K/V group's
+# heads compared with the fp32 reference (a full fp32 reference at 512K takes minutes).
+LONG_KERNEL_ARGS = ["--kernels", "cudnn", "--one-document", "--seq-length", "524288",
+                    "--ref-groups", "1", "--iters", "2"]
+TINY_LONG_KERNEL_ARGS = ["--kernels", "cudnn", "sdpa", "--one-document", "--seq-length", "512",
+                         "--ref-groups", "1"]
 RESERVE_S = 20  # kept for writing the report after the last stage
 _now = time.monotonic  # the budget's clock
 
@@ -65,10 +87,21 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     p.add_argument("--profile", action="store_true",
                    help="benchmarks also profile their last step (profiles.txt)")
     p.add_argument("--tiny", action="store_true", help="CPU smoke sizes for every stage")
+    p.add_argument("--quick", action="store_true",
+                   help=f"{' '.join(QUICK)} with --steps {QUICK_STEPS} within --budget-s "
+                        f"{QUICK_BUDGET_S} (stages named as well are added)")
     p.add_argument("--merge", nargs="+", metavar="RESULTS.json",
                    help="only merge these results files into OUT's results.json/results.md")
     p.add_argument("--probe", action="store_true", help=argparse.SUPPRESS)
-    return p.parse_intermixed_args(argv)
+    ns = p.parse_intermixed_args(argv)
+    if ns.quick:
+        ns.stages = QUICK + [s for s in ns.stages if s not in QUICK]
+        given = argv if argv is not None else sys.argv[1:]
+        if not any(a.startswith("--steps") for a in given):
+            ns.steps = QUICK_STEPS
+        if not any(a.startswith("--budget-s") for a in given):
+            ns.budget_s = QUICK_BUDGET_S
+    return ns
 
 
 # ---------------------------------------------------------------------------------------------
@@ -79,7 +112,8 @@ def probe(tiny: bool) -> dict:
     import platform
 
     info: dict = {"python": platform.python_version(), "platform": platform.platform()}
-    for name in ("torch", "triton", "transformers", "megatron-core", "flash-attn",
+    for name in ("torch", "triton", "transformers", "megatron-core", "nvidia-cudnn-frontend",
+                 "flash-attn",
                  "transformer-engine", "transformer-engine-torch", "numpy", "zstandard"):
         try:
             info[name] = md.version(name)
@@ -88,7 +122,9 @@ def probe(tiny: bool) -> dict:
     import torch
 
     cuda = torch.cuda.is_available() and not tiny
-    info.update(torch_cuda=torch.version.cuda, cuda_available=torch.cuda.is_available())
+    info.update(torch_cuda=torch.version.cuda, cuda_available=torch.cuda.is_available(),
+                cudnn=torch.backends.cudnn.version() if torch.backends.cudnn.is_available()
+                else None)
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
         info.update(gpu=props.name, gpu_memory_gib=round(props.total_memory / 2**30, 1),
@@ -98,7 +134,8 @@ def probe(tiny: bool) -> dict:
     from megatron_prolong.model.attention import kernel_unavailable
     from megatron_prolong.model.llama import transformer_engine_available
 
-    kernels = {k: kernel_unavailable(k, device, dtype) for k in ("flash", "varlen", "flex")}
+    kernels = {k: kernel_unavailable(k, device, dtype)
+               for k in ("cudnn", "flash", "varlen", "flex")}
     info["local_kernels"] = {k: reason or "available" for k, reason in kernels.items()}
     te = cuda and transformer_engine_available()
     info["transformer_engine"] = te
@@ -122,9 +159,13 @@ def probe(tiny: bool) -> dict:
 # ---------------------------------------------------------------------------------------------
 def expand(stages: list[str], env: dict) -> list[str]:
     out = []
+    backends = env.get("bench_backends") or list(BACKEND_ORDER[:2])
     for stage in stages:
         if stage == "bench":
-            out += [f"bench:{b}" for b in env.get("bench_backends") or BACKEND_ORDER[:2]]
+            out += [f"bench:{b}" for b in backends]
+        elif stage in ("bench:best1", "bench:best2"):  # the first / second backend here
+            index = int(stage[-1]) - 1
+            out += [f"bench:{b}{BEST}" for b in backends[index:index + 1]]
         else:
             out.append(stage)
     return out
@@ -143,16 +184,20 @@ def stage_command(stage: str, ns, parts: str) -> list[str]:
                     if importlib.util.find_spec("pytest_timeout") else [])
         return [py, "-m", "pytest", "-m", "gpu", "-q", "-rs", "-p", "no:cacheprovider",
                 *per_test, f"--basetemp={os.path.join(parts, 'pytest')}", "tests"]
-    if stage == "kernels":
+    if stage in ("kernels", "kernels:512k"):
+        long = [] if stage == "kernels" else TINY_LONG_KERNEL_ARGS if ns.tiny else LONG_KERNEL_ARGS
         return [py, os.path.join(TOOLS, "bench_attention.py"), "--json",
-                os.path.join(parts, "kernels.json")] + tiny
+                os.path.join(parts, _results_file(stage))] + tiny + long
     kind, _, variant = stage.partition(":")
     if kind == "bench":
-        if variant not in BACKEND_OVERRIDES:
-            raise ValueError(f"stage {stage!r}: choose bench:{'|'.join(BACKEND_OVERRIDES)}")
-        return ([py, os.path.join(TOOLS, "bench_train.py"), RECIPE, *BACKEND_OVERRIDES[variant],
-                 *steps, "--name", variant, "--json", os.path.join(parts, f"{stage}.json")]
-                + tiny + profile)
+        backend, *suffixes = variant.split("+")
+        if backend not in BACKEND_OVERRIDES or any(f"+{x}" not in VARIANTS for x in suffixes):
+            raise ValueError(f"stage {stage!r}: choose bench:{'|'.join(BACKEND_OVERRIDES)}, "
+                             f"each optionally with {' and '.join(VARIANTS)}")
+        extra = [o for x in suffixes for o in VARIANTS[f"+{x}"]]
+        return ([py, os.path.join(TOOLS, "bench_train.py"), RECIPE, *BACKEND_OVERRIDES[backend],
+                 *extra, *steps, "--name", variant, "--json",
+                 os.path.join(parts, f"{stage}.json")] + tiny + profile)
     if kind in ("peer", "peer-bf16"):
         weights = ["--param-dtype", "bf16", "--name", f"hf-peer-{variant or 'auto'}-bf16-weights"
                    ] if kind == "peer-bf16" else []
@@ -161,6 +206,11 @@ def stage_command(stage: str, ns, parts: str) -> list[str]:
                 + tiny + profile)
     raise ValueError(f"unknown stage {stage!r}: choose {', '.join(STAGES)}, bench:BACKEND or "
                      "peer:ATTENTION")
+
+
+def _results_file(stage: str) -> str:
+    return {"kernels": "kernels.json", "kernels:512k": "kernels-512k.json"}.get(stage,
+                                                                               f"{stage}.json")
 
 
 def run_process(cmd: list[str], limit: float, log) -> tuple[Optional[int], str]:
@@ -217,13 +267,13 @@ def collect(stage: str, rc: Optional[int], tail: str, parts: str, results: dict,
     if stage == "tests":
         results["tests"] = pytest_summary(tail)
         return ", ".join(f"{n} {w}" for w, n in results["tests"].items()) or "no summary line"
-    path = os.path.join(parts, ("kernels" if stage == "kernels" else stage) + ".json")
+    path = os.path.join(parts, _results_file(stage))
     if not os.path.exists(path):
         return "no results file"
     with open(path) as f:
         data = json.load(f)
-    if stage == "kernels":
-        results["kernels"] = data
+    if stage in ("kernels", "kernels:512k"):
+        results[stage.replace(":", "_")] = data
         ok = [k["kernel"] for k in data["kernels"] if k.get("passed")]
         bad = [k["kernel"] for k in data["kernels"] if k["available"] and not k.get("passed")]
         return f"passed: {', '.join(ok) or 'none'}" + (f"; FAILED: {', '.join(bad)}" if bad else "")
@@ -250,12 +300,39 @@ def _machine(env: dict) -> str:
     return f"{env['gpu']} ({env.get('gpu_memory_gib', '?')} GiB)"
 
 
+def _kernel_table(kernels: Optional[dict]) -> list[str]:
+    if not kernels:
+        return []
+    compared = kernels.get("reference_groups", kernels["groups"])
+    subset = "" if compared == kernels["groups"] else (
+        f"; reference on the first {compared} K/V group(s) and their query heads")
+    lines = ["", f"## Kernel check ({kernels['dtype']}, {kernels['seq_length']:,}-token rows, "
+                 f"{kernels['heads']}/{kernels['groups']} heads x {kernels['head_dim']}; "
+                 f"tolerance {kernels['tolerance']:g} relative, gradients twice{subset})", "",
+             "| kernel | row | max rel. error (out, dq, dk, dv) | passed | fwd ms | "
+             "fwd+bwd ms | fwd+bwd TFLOP/s |", "|---|---|---|---|---|---|---|"]
+    for k in kernels["kernels"]:
+        if not k["available"] or "error" in k:
+            lines.append(f"| {k['kernel']} | - | {k.get('error') or k['reason']} | "
+                         f"{'no' if 'error' in k else 'n/a'} | | | |")
+            continue
+        for row in kernels["rows"]:
+            r = k[row]
+            errs = ", ".join(f"{r['rel_error'][n]:.1e}" for n in ("out", "dq", "dk", "dv"))
+            lines.append(f"| {k['kernel']} | {row} | {errs} | {'yes' if r['passed'] else 'NO'} "
+                         f"| {r['forward_ms']:.2f} | {r['forward_backward_ms']:.2f} | "
+                         f"{r['forward_backward_tflops']:.0f} |")
+    return lines
+
+
 def render_markdown(results: dict) -> str:
     env = results.get("env", {})
     lines = [f"# GPU kit results ({results.get('started', '?')[:16]} UTC)", "",
              f"Machine: {_machine(env)}; "
-             f"torch {env.get('torch')} (CUDA {env.get('torch_cuda')}), transformers "
-             f"{env.get('transformers')}, megatron-core {env.get('megatron-core')}, flash-attn "
+             f"torch {env.get('torch')} (CUDA {env.get('torch_cuda')}, cuDNN {env.get('cudnn')}), "
+             f"transformers "
+             f"{env.get('transformers')}, megatron-core {env.get('megatron-core')}, "
+             f"nvidia-cudnn-frontend {env.get('nvidia-cudnn-frontend') or 'absent'}, flash-attn "
              f"{env.get('flash-attn') or 'absent'}, Transformer Engine "
              f"{env.get('transformer-engine') or 'absent'}.", ""]
     for command in results.get("commands", []):
@@ -267,14 +344,14 @@ def render_markdown(results: dict) -> str:
                       f"global batch {first['global_batch_size']}, {first['layers']} layers, "
                       f"hidden {first['hidden_size']})", "",
                   "| run | tokens/s/GPU | TFLOP/s/GPU | MFU | peak memory (GiB) | s/step "
-                  "(median) | timed steps |",
-                  "|---|---|---|---|---|---|---|"]
+                  "(median) | timed steps | recompute |",
+                  "|---|---|---|---|---|---|---|---|"]
         for r in rows:
             mfu = "n/a" if r.get("mfu") is None else f"{100 * r['mfu']:.1f}%"
             lines.append(f"| {r['name']} | {_fmt(r['tokens_per_s_per_gpu'], ',.0f')} | "
                          f"{_fmt(r['tflops_per_gpu'], '.1f')} | {mfu} | "
                          f"{_fmt(r['peak_memory_gib'], '.1f')} | {_fmt(r['step_time_s'], '.2f')} "
-                         f"| {r['timed_steps']} |")
+                         f"| {r['timed_steps']} | {r.get('recompute') or '-'} |")
         ours = [r for r in rows if r.get("kind") == "megatron-prolong"]
         peers = [r for r in rows if r.get("kind") == "hf-peer"]
         if ours and peers:
@@ -285,24 +362,8 @@ def render_markdown(results: dict) -> str:
                           "tokens/s."]
         lines += ["", "MFU: model FLOPs with attention counted inside documents only "
                       "(training/metrics.py), over the GPU's dense bf16 peak."]
-    kernels = results.get("kernels")
-    if kernels:
-        lines += ["", f"## Kernel check ({kernels['dtype']}, {kernels['seq_length']:,}-token rows, "
-                      f"{kernels['heads']}/{kernels['groups']} heads x {kernels['head_dim']}; "
-                      f"tolerance {kernels['tolerance']:g} relative, gradients twice)", "",
-                  "| kernel | row | max rel. error (out, dq, dk, dv) | passed | fwd ms | "
-                  "fwd+bwd ms | fwd+bwd TFLOP/s |", "|---|---|---|---|---|---|---|"]
-        for k in kernels["kernels"]:
-            if not k["available"] or "error" in k:
-                lines.append(f"| {k['kernel']} | - | {k.get('error') or k['reason']} | "
-                             f"{'no' if 'error' in k else 'n/a'} | | | |")
-                continue
-            for row in kernels["rows"]:
-                r = k[row]
-                errs = ", ".join(f"{r['rel_error'][n]:.1e}" for n in ("out", "dq", "dk", "dv"))
-                lines.append(f"| {k['kernel']} | {row} | {errs} | {'yes' if r['passed'] else 'NO'} "
-                             f"| {r['forward_ms']:.2f} | {r['forward_backward_ms']:.2f} | "
-                             f"{r['forward_backward_tflops']:.0f} |")
+    for key in ("kernels", "kernels_512k"):
+        lines += _kernel_table(results.get(key))
     if results.get("tests"):
         lines += ["", "## pytest -m gpu", "",
                   ", ".join(f"{n} {w}" for w, n in results["tests"].items())]
@@ -340,7 +401,7 @@ def merge(out: str, paths: list[str]) -> dict:
         merged["stages"] += part.get("stages", [])
         names = {r["name"] for r in part.get("rows", [])}
         merged["rows"] = [r for r in merged["rows"] if r["name"] not in names] + part.get("rows", [])
-        for key in ("kernels", "tests"):
+        for key in ("kernels", "kernels_512k", "tests"):
             if part.get(key):
                 merged[key] = part[key]
         merged["deferred"] = part.get("deferred", [])
