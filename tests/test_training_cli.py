@@ -152,3 +152,14 @@ def test_no_arguments_print_usage_and_train_nothing(tmp_path):
     assert helped.returncode == 0
     assert "dry run: number of nodes" in helped.stdout
     assert "dry run: GPUs per node" in helped.stdout
+
+
+def test_what_the_tools_write_by_default_is_ignored_by_git():
+    """Outputs a first hour leaves in the checkout: runs, evaluation results, the set-up's."""
+    if not os.path.exists(os.path.join(REPO, ".git")):
+        pytest.skip("not a git checkout")
+    paths = ["runs/demo_cpu/config.yaml", "eval_results/step_00000040/results.json",
+             ".test-deps/streaming/streaming/__init__.py", ".setup-done"]
+    out = subprocess.run(["git", "check-ignore", "--no-index", *paths], cwd=REPO,
+                         capture_output=True, text=True, timeout=60)
+    assert out.stdout.split() == paths, out.stdout + out.stderr
