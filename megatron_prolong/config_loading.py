@@ -161,7 +161,8 @@ def _safe_load(text: str, origin: str) -> Any:
     try:
         return yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{origin}: not a valid YAML value: {yaml_error_summary(exc)[1]}") from None
+        problem = yaml_error_summary(exc)[1]
+        raise ConfigError(f"{origin}: not a valid YAML value: {problem}") from None
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -215,7 +216,8 @@ def _read_recipe(recipe: str) -> tuple[dict, dict[str, str]]:
         root = yaml.compose(text)
     except yaml.YAMLError as exc:
         line, problem = yaml_error_summary(exc)
-        raise ConfigError(f"{recipe}{f':{line}' if line else ''}: not valid YAML: {problem}") from None
+        where = f"{recipe}:{line}" if line else recipe
+        raise ConfigError(f"{where}: not valid YAML: {problem}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{recipe}: the top level must be a mapping of sections")
     origins: dict[str, str] = {}

@@ -80,7 +80,8 @@ def test_bad_samples_and_columns_are_refused_and_leave_no_data(tmp_path):
     with pytest.raises(ValueError, match="pkl"):
         MDSWriter(out=str(tmp_path / "p"), columns={"x": "pkl"})
     with pytest.raises(ValueError, match="ndarray:uint32: got an array of int64"):
-        with MDSWriter(out=str(tmp_path / "d"), columns={"x": "ndarray:uint32"}, size_limit=64) as w:
+        with MDSWriter(out=str(tmp_path / "d"), columns={"x": "ndarray:uint32"},
+                       size_limit=64) as w:
             for k in range(5):
                 w.write({"x": np.arange(8, dtype=np.uint32)})  # shards are written on the way
             w.write({"x": np.arange(8)})
@@ -90,9 +91,6 @@ def test_bad_samples_and_columns_are_refused_and_leave_no_data(tmp_path):
 # ---------------------------------------------------------------------------------------------
 # Cross-check against mosaicml-streaming
 # ---------------------------------------------------------------------------------------------
-STREAMING_COLUMNS = {k: v for k, v in COLUMNS.items()}
-
-
 def _files(directory):
     return {os.path.relpath(os.path.join(d, f), directory): open(os.path.join(d, f), "rb").read()
             for d, _, fs in os.walk(directory) for f in fs}
@@ -109,7 +107,7 @@ def test_the_bytes_are_mosaicml_streamings(tmp_path):
         for compression in (None, "zstd"):
             root = tmp_path / who / str(compression)
             for part, chunk in (("proc00-64", data[:7]), ("proc01-64", data[7:])):
-                with writer(out=str(root / part), columns=STREAMING_COLUMNS,
+                with writer(out=str(root / part), columns=COLUMNS,
                             compression=compression, size_limit=1 << 11) as w:
                     for s in chunk:
                         w.write(s)

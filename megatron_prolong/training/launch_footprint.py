@@ -54,8 +54,8 @@ class LaunchFootprint:
     def take(cls, cfg: RunConfig) -> "LaunchFootprint":
         run_dir = cfg.run_dir
         save_dir = cfg.checkpoint.save_dir or os.path.join(run_dir, "checkpoints")
-        dirs = [run_dir, save_dir, cfg.logging.tensorboard_dir or os.path.join(run_dir, "tensorboard"),
-                os.path.join(run_dir, "eval")]
+        tensorboard = cfg.logging.tensorboard_dir or os.path.join(run_dir, "tensorboard")
+        dirs = [run_dir, save_dir, tensorboard, os.path.join(run_dir, "eval")]
         if cfg.data.kind == "demo":
             dirs.append(cfg.data.options.get("corpus_dir") or os.path.join(run_dir, "demo_corpus"))
         new_dirs = {m for m in (_outermost_missing(d) for d in dirs) if m}
