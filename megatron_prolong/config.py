@@ -1,4 +1,6 @@
-"""Typed run configuration: recipes (YAML), presets, `key=value` overrides and validation.
+"""Typed run configuration: the schema (sections, presets) and its validation.
+
+Reading a recipe and `key=value` overrides into it is config_loading.py's job.
 
 The dataclasses here hold only what a recipe author sets. megatron-core's own configs
 (TransformerConfig, OptimizerConfig, DistributedDataParallelConfig) are built from them by the
@@ -10,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import typing
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -226,179 +227,21 @@ class RunConfig:
 
 
 # ---------------------------------------------------------------------------------------------
-# Loading: YAML recipe -> dataclasses, then key=value overrides
+# Loading (megatron_prolong/config_loading.py: YAML recipe + key=value overrides, errors that
+# name the file and line or the override); the names here stay for the modules that use them.
 # ---------------------------------------------------------------------------------------------
-def _type_of(cls, name: str):
-    return typing.get_type_hints(cls)[name]
+def load_config(recipe: Optional[str] = None, overrides: Optional[list[str]] = None) -> RunConfig:
+    """Read a YAML recipe (or the built-in defaults when None) and apply key=value overrides."""
+    from megatron_prolong.config_loading import load_config as load
 
-
-def _coerce(value: Any, typ, where: str) -> Any:
-    origin = typing.get_origin(typ)
-    if origin is typing.Union:  # Optional[X]
-        args = [a for a in typing.get_args(typ) if a is not type(None)]
-        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
-            return None
-        return _coerce(value, args[0], where)
-    if typ is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on", "false", "0", "no", "off"):
-            return value.lower() in ("true", "1", "yes", "on")
-        raise ConfigError(f"{where}: expected true/false, got {value!r}")
-    if typ is int:
-        if isinstance(value, bool):
-            raise ConfigError(f"{where}: expected an integer, got {value!r}")
-        try:
-            f = float(value)
-        except (TypeError, ValueError):
-            raise ConfigError(f"{where}: expected an integer, got {value!r}") from None
-        if f != int(f):
-            raise ConfigError(f"{where}: expected an integer, got {value!r}")
-        return int(f)
-    if typ is float:
-        try:
-            return float(value)
-        except (TypeError, ValueError):
-            raise ConfigError(f"{where}: expected a number, got {value!r}") from None
-    if typ is str:
-        return str(value)
-    if origin is list:  # a YAML list, or one value / "a,b" from the command line
-        if isinstance(value, str):
-            value = [v.strip() for v in value.split(",") if v.strip()]
-        elif not isinstance(value, (list, tuple)):
-            value = [value]
-        (item,) = typing.get_args(typ) or (Any,)
-        return [v if item is Any else _coerce(v, item, f"{where}[{i}]")
-                for i, v in enumerate(value)]
-    if typ is dict or origin is dict:
-        if isinstance(value, str):
-            value = yaml.safe_load(value)
-        if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
-        return value
-    return value
-
-
-def _apply_mapping(obj, mapping: dict, where: str) -> None:
-    names = {f.name for f in dataclasses.fields(obj)}
-    for key, value in mapping.items():
-        if key not in names:
-            raise ConfigError(
-                f"{where}.{key}: unknown field; known fields are {', '.join(sorted(names))}"
-            )
-        current = getattr(obj, key)
-        if dataclasses.is_dataclass(current):
-            if not isinstance(value, dict):
-                raise ConfigError(f"{where}.{key}: expected a section (mapping), got {value!r}")
-            _apply_mapping(current, value, f"{where}.{key}")
-        else:
-            setattr(obj, key, _coerce(value, _type_of(type(obj), key), f"{where}.{key}"))
-
-
-def _apply_model_preset(model_section: dict, where: str) -> ModelConfig:
-    model = ModelConfig()
-    preset = model_section.get("preset")
-    if preset is not None:
-        if preset not in MODEL_PRESETS:
-            raise ConfigError(
-                f"{where}.preset: unknown preset {preset!r}; choose one of {sorted(MODEL_PRESETS)}"
-            )
-        _apply_mapping(model, MODEL_PRESETS[preset], f"{where}(preset {preset})")
-    _apply_mapping(model, model_section, where)
-    return model
-
-
-def parse_override(text: str) -> tuple[list[str], Any]:
-    if "=" not in text:
-        raise ConfigError(f"override {text!r}: expected key=value, e.g. training.train_steps=10")
-    key, raw = text.split("=", 1)
-    return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else ""
-
-
-def _nest(overrides: list[str]) -> dict:
-    tree: dict = {}
-    for text in overrides:
-        path, value = parse_override(text)
-        node = tree
-        for part in path[:-1]:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"override {text!r}: {part} is set twice")
-        node[path[-1]] = value
-    return tree
-
-
-def _merge(base: dict, extra: dict) -> dict:
-    out = dict(base)
-    for key, value in extra.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict) and key != "options":
-            out[key] = _merge(out[key], value)
-        elif isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = {**out[key], **value}
-        else:
-            out[key] = value
-    return out
+    return load(recipe, overrides)
 
 
 def config_from_dict(raw: dict, where: str = "config") -> RunConfig:
-    raw = dict(raw or {})
-    cfg = RunConfig()
-    model_section = raw.pop("model", {}) or {}
-    if not isinstance(model_section, dict):
-        raise ConfigError(f"{where}.model: expected a section (mapping)")
-    cfg.model = _apply_model_preset(model_section, f"{where}.model")
-    _apply_mapping(cfg, raw, where)
-    return cfg
+    """A RunConfig from an already parsed mapping (a saved config.yaml); errors start `where`."""
+    from megatron_prolong.config_loading import config_from_dict as build
 
-
-def load_config(recipe: Optional[str] = None, overrides: Optional[list[str]] = None) -> RunConfig:
-    """Read a YAML recipe (or the built-in defaults when None) and apply key=value overrides."""
-    raw: dict = {}
-    where = "config"
-    if recipe is not None:
-        if not os.path.exists(recipe):
-            raise ConfigError(f"recipe {recipe!r} does not exist (give a YAML file under examples/)")
-        with open(recipe) as f:
-            try:
-                raw = yaml.safe_load(f) or {}
-            except yaml.YAMLError as exc:
-                raise ConfigError(f"{recipe}: not valid YAML: {exc}") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{recipe}: the top level must be a mapping of sections")
-        where = recipe
-    raw = _merge(raw, _nest(overrides or []))
-    try:
-        return config_from_dict(raw, where)
-    except ConfigError as err:
-        if recipe is None:
-            raise
-        raise ConfigError(_with_line_numbers(str(err), recipe)) from None
-
-
-def _yaml_key_lines(path: str) -> dict[str, int]:
-    """Dotted key -> 1-based line in a YAML file, so errors can point into the recipe."""
-    lines: dict[str, int] = {}
-
-    def walk(node, prefix):
-        if isinstance(node, yaml.MappingNode):
-            for key, value in node.value:
-                dotted = f"{prefix}.{key.value}" if prefix else str(key.value)
-                lines[dotted] = key.start_mark.line + 1
-                walk(value, dotted)
-
-    with open(path) as f:
-        walk(yaml.compose(f), "")
-    return lines
-
-
-def _with_line_numbers(message: str, recipe: str) -> str:
-    lines = _yaml_key_lines(recipe)
-    prefix = f"{recipe}."
-    if message.startswith(prefix):
-        key = message[len(prefix):].split(":", 1)[0].split("(", 1)[0]
-        if key in lines:
-            return f"{recipe}:{lines[key]}: {message[len(prefix):]}"
-    return message
+    return build(raw, where)
 
 
 def to_dict(cfg: RunConfig) -> dict:

@@ -16,6 +16,8 @@ import threading
 import torch
 from torch.overrides import TorchFunctionMode
 
+from megatron_prolong.expected_warnings import filter_cpu_run_warnings
+
 _ENABLED = False
 _LOCK = threading.Lock()
 
@@ -97,6 +99,7 @@ def enable_cpu_execution() -> None:
             )
         _patch_torch_cuda()
         _patch_megatron()
+        filter_cpu_run_warnings()  # CUDA-only advice megatron-core gives every TP rank
         # Entered for the life of the process: the modes stack is per thread, so the autograd
         # engine's worker threads do not see it, but they only run backward kernels on existing
         # tensors and create nothing on a device.

@@ -25,11 +25,14 @@ if ! $PY -c "import torch" 2>/dev/null; then
     pip_install "torch==${TORCH_CPU_VERSION}"
   fi
 fi
-# mosaicml-streaming (only the tests use its MDS writer) declares torchvision, which would replace
-# the CPU torch with a CUDA build, and transformers<5: install it without dependencies, plus what
-# its writer imports (versions from constraints.txt).
-pip_install --no-deps mosaicml-streaming
-pip_install xxhash zstd python-snappy brotli catalogue tqdm numpy
 pip_install -e ".[dev]"
+# mosaicml-streaming, for one test only: the cross-check of the project's MDS writer against
+# streaming's (tests/test_mds_writer.py). It declares torchvision (which would replace the CPU
+# torch with a CUDA build) and transformers<5, so it goes into .test-deps/streaming, outside the
+# environment, without its declared dependencies, with the modules its writer imports: pip never
+# sees it in the environment, and nothing there imports it.
+rm -rf .test-deps/streaming
+pip_install --no-deps --target .test-deps/streaming \
+  mosaicml-streaming zstd python-snappy cramjam brotli catalogue xxhash
 echo "$key" > $stamp
 echo "[setup] done" >&2

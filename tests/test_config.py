@@ -102,3 +102,64 @@ def test_fused_swiglu_only_off_the_cpu():
     assert fused(on_cpu=False) and not fused(on_cpu=True) and fused(on_cpu=True, use_te=True)
     cfg = load_config(None, ["model.preset=tiny", "model.fused_swiglu=false"])
     assert not fused(on_cpu=False)
+
+
+DEMO = "examples/demo_cpu.yaml"
+
+
+def _error(recipe, overrides):
+    import os
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with pytest.raises(ConfigError) as err:
+        load_config(os.path.join(root, recipe) if recipe else None, overrides)
+    return str(err.value)
+
+
+def test_a_bad_override_is_named_with_the_nearest_field():
+    message = _error(DEMO, ["training.train_step=10"])
+    assert message == ("override training.train_step=10: training.train_step: unknown field; "
+                       "did you mean training.train_steps?")
+    # the recipe sets training.train_steps on its line 16, but the bad value is the override's
+    assert _error(DEMO, ["training.train_steps=ten"]) == (
+        "override training.train_steps=ten: training.train_steps: expected an integer, got 'ten'")
+    assert _error(DEMO, ["trainng.seq_length=1"]).startswith(
+        "override trainng.seq_length=1: trainng: unknown field; did you mean training?")
+    assert "known fields are" in _error(None, ["training.zzz=1"])  # nothing close: the list
+
+
+def test_recipe_errors_name_the_line_and_the_nearest_field(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("model:\n  preset: tiny\ntraining:\n  seq_lenght: 3\n")
+    assert _error(str(recipe), []) == (f"{recipe}:4: training.seq_lenght: unknown field; "
+                                       "did you mean training.seq_length?")
+    recipe.write_text("training:\n  train_steps: ten\n")
+    assert _error(str(recipe), ["training.seq_length=64"]).startswith(
+        f"{recipe}:2: training.train_steps: expected an integer")
+
+
+@pytest.mark.parametrize("override", [
+    "model.preset=!!python/object/apply:os.system [echo hacked]",
+    "data.options=!!python/object/new:dict {}",
+])
+def test_yaml_tags_in_overrides_are_one_line_errors(override):
+    message = _error(DEMO, [override])
+    assert message.startswith(f"override {override}: not a valid YAML value: could not "
+                              "determine a constructor for the tag")
+    assert "\n" not in message
+
+
+def test_yaml_tags_in_recipes_and_mixtures_are_one_line_errors(tmp_path):
+    from megatron_prolong.data.config import load_mixture
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("training:\n  train_steps: !!python/object/apply:os.system [echo hi]\n")
+    message = _error(str(recipe), [])
+    assert message.startswith(f"{recipe}:2: not valid YAML: could not determine a constructor")
+    assert "\n" not in message
+    mixture = tmp_path / "mix.yaml"
+    mixture.write_text("domains:\n  - !!python/object/apply:os.system [echo hi]\n")
+    with pytest.raises(ValueError) as err:
+        load_mixture(str(mixture))
+    assert str(err.value).startswith(f"{mixture}:2: not valid YAML: could not determine")
+    assert "\n" not in str(err.value)

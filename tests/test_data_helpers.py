@@ -22,12 +22,20 @@ def llama3_files():
     return paths if all(os.path.isfile(p) for p in paths) else None
 
 
+STREAMING_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                             ".test-deps", "streaming")
+
+
 def import_streaming():
-    """Import mosaicml-streaming without torchvision: its vision subpackage imports
-    torchvision, which this CPU environment must not install (it pulls CUDA torch). The project's
-    own MDS reader never imports streaming; only the tests use its writer."""
+    """Import mosaicml-streaming for the cross-check of the project's MDS writer
+    (tests/test_mds_writer.py): from .test-deps/streaming, where scripts/setup.sh installs it
+    outside the environment (after it on sys.path: the environment's packages win), or from the
+    environment. Without torchvision: its vision subpackage imports torchvision, which this CPU
+    environment must not install (it pulls CUDA torch)."""
     import pytest
 
+    if os.path.isdir(STREAMING_DIR) and STREAMING_DIR not in sys.path:
+        sys.path.append(STREAMING_DIR)
     sys.modules.setdefault("streaming.vision", types.ModuleType("streaming.vision"))
     return pytest.importorskip("streaming", reason="mosaicml-streaming not installed")
 

@@ -1,7 +1,8 @@
-"""The ProLong release importer on fixtures in the release's real layout, written with
-mosaicml-streaming's own MDSWriter and merge_index: per domain directory a merged index.json over
-procNN-64/ parts that keep their own index.json (prolong-data-64K/-512K), a root index.json over
-0-0/ (prolong-ultrachat-64K), a `domain` column that is not the directory name."""
+"""The ProLong release importer on fixtures in the release's real layout, written with the
+project's MDSWriter and merge_index (the bytes mosaicml-streaming's own write: see
+test_mds_writer.py): per domain directory a merged index.json over procNN-64/ parts that keep
+their own index.json (prolong-data-64K/-512K), a root index.json over 0-0/
+(prolong-ultrachat-64K), a `domain` column that is not the directory name."""
 import json
 import os
 
@@ -13,8 +14,8 @@ from megatron_prolong.data.config import DataConfig, load_mixture
 from megatron_prolong.data.indexed import DocumentStore
 from megatron_prolong.data.mds import MDSFormatError
 from megatron_prolong.data.mds_import import import_mds
+from megatron_prolong.data.mds_writer import MDSWriter, merge_index
 from megatron_prolong.data.mixture import build_pretraining_dataset
-from test_data_helpers import import_streaming
 from tool_modules import load_tool
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -43,17 +44,12 @@ def write_stream(directory, parts, columns, compression=None, size_limit=1 << 12
     into its own part directory (keeping its index.json), then merge_index writes the merged
     index.json of `directory` over them. `parts` maps part names (proc00-64, ..., or 0-0) to
     samples."""
-    streaming = import_streaming()
-    from streaming.base.util import merge_index
-
-    indexes = []
     for part, samples in parts.items():
-        with streaming.MDSWriter(out=os.path.join(directory, part), columns=columns,
-                                 compression=compression, size_limit=size_limit) as w:
+        with MDSWriter(out=os.path.join(directory, part), columns=columns,
+                       compression=compression, size_limit=size_limit) as w:
             for s in samples:
                 w.write({k: s[k] for k in columns})
-        indexes.append(os.path.join(directory, part, "index.json"))
-    merge_index(indexes, str(directory))
+    merge_index([os.path.join(directory, part) for part in parts], str(directory))
     merged = json.load(open(os.path.join(directory, "index.json")))
     first = next(iter(parts))
     assert merged["shards"][0]["raw_data"]["basename"].startswith(f"{first}/")  # the real layout

@@ -41,3 +41,15 @@ def test_demo_corpus_is_deterministic_and_trainable(tmp_path):
     assert len(pairs) == 200 and all(pairs[k] == v for k, v in queries.items())
     ds = build_pretraining_dataset(DataConfig(domains=a), 2048, mode="short")
     assert {ds[i].domain for i in range(10)} == {"code", "recall", "text"}
+
+
+def test_demo_corpus_reports_what_it_builds_and_how_far(tmp_path):
+    lines = []
+    domains = build_demo_corpus(str(tmp_path), code_bytes=100_000, num_recall_docs=5,
+                                recall_pairs=10, progress=lines.append)
+    assert len(lines) == 4 and lines[0].startswith(f"demo corpus: building {tmp_path}: code, "
+                                                   "recall, text")
+    for k, d in enumerate(domains):
+        store = DocumentStore(d.paths[0])
+        assert lines[k + 1] == (f"demo corpus: {d.name}: {len(store):,} documents, "
+                                f"{int(store.lengths.sum()):,} tokens [{k + 1}/3]")

@@ -267,15 +267,17 @@ def test_non_positive_fields_are_refused_before_anything_is_built(tmp_path, over
 
 @pytest.mark.slow
 @pytest.mark.parametrize("override,needle", [
-    ("checkpoint.load={tmp}/no_such_checkpoint", "error: no checkpoint at {tmp}/no_such_checkpoint"),
-    ("data.mixture={tmp}/no_such_mixture.yaml",
-     "error: data.mixture={tmp}/no_such_mixture.yaml: [Errno 2] No such file or directory"),
+    ("data.kind=synthetic checkpoint.load={tmp}/no_such_checkpoint",
+     "error: no checkpoint at {tmp}/no_such_checkpoint"),
+    ("data.kind=mixture data.mixture={tmp}/no_such_mixture.yaml",
+     "error: data.mixture={tmp}/no_such_mixture.yaml: no such file"),
 ])
 def test_input_errors_after_start_up_are_one_line_exit_2(tmp_path, override, needle):
-    out = _train(tmp_path / "run", "data.kind=mixture", override.format(tmp=tmp_path))
+    out = _train(tmp_path / "run", *override.format(tmp=tmp_path).split())
     assert out.returncode == 2, out.stdout + out.stderr
     (line,) = _error_lines(out)
     assert line.startswith(needle.format(tmp=tmp_path)), line
+    assert not (tmp_path / "run").exists()  # no run.lock, config.yaml or corpus left behind
 
 
 def test_unreadable_validation_data_is_a_config_error_naming_the_setting(tmp_path):

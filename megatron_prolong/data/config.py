@@ -24,6 +24,8 @@ from typing import TYPE_CHECKING, Optional
 
 import yaml
 
+from megatron_prolong.config_loading import yaml_error_summary
+
 if TYPE_CHECKING:
     from .heldout import HeldOutSpec
 
@@ -123,8 +125,14 @@ class DataConfig:
 
 def load_mixture(path: str) -> list[DomainConfig]:
     """Read the `domains:` list of a mixture YAML (placeholders are left as they are)."""
-    with open(path) as f:
-        raw = yaml.safe_load(f)
+    try:
+        with open(path) as f:
+            raw = yaml.safe_load(f)
+    except OSError as exc:
+        raise ValueError(f"{path}: cannot read the mixture file ({exc.strerror})") from None
+    except yaml.YAMLError as exc:  # a tag such as !!python/object included: one line, no code
+        line, problem = yaml_error_summary(exc)
+        raise ValueError(f"{path}{f':{line}' if line else ''}: not valid YAML: {problem}") from None
     if not isinstance(raw, dict) or not isinstance(raw.get("domains"), list):
         raise ValueError(f"{path}: a mixture file needs a top-level 'domains:' list")
     out = []

@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import re
 import sysconfig
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 
@@ -71,22 +71,32 @@ def recall_document(rng: np.random.Generator, num_pairs: int) -> str:
 
 def build_demo_corpus(out_dir: str, seed: int = 0, code_bytes: int = 3_000_000,
                       num_recall_docs: int = 200, recall_pairs: int = 200,
-                      with_text: bool = True, proportions: Optional[dict[str, float]] = None
-                      ) -> list[DomainConfig]:
+                      with_text: bool = True, proportions: Optional[dict[str, float]] = None,
+                      progress: Optional[Callable[[str], None]] = None) -> list[DomainConfig]:
     """Write ``out_dir/{code,recall,text}.bin/.idx`` and return the mixture's domains
-    (pass them as ``DataConfig(tokenizer_kind='byte', domains=...)``). A few seconds, offline."""
+    (pass them as ``DataConfig(tokenizer_kind='byte', domains=...)``). A few seconds, offline.
+    ``progress`` receives a line when the build starts and one per tokenized domain."""
     tok = ByteTokenizer()
     rng = np.random.default_rng(seed)
     props = proportions or {"code": 0.5, "recall": 0.3, "text": 0.2}
     os.makedirs(out_dir, exist_ok=True)
     eod = np.array([tok.eos_id], dtype=np.int32)
+    names = ["code", "recall"] + (["text"] if with_text else [])
+    report = progress or (lambda line: None)
+    report(f"demo corpus: building {out_dir}: {', '.join(names)} (Python standard library "
+           "sources and docstrings, synthetic key/value recall documents), byte tokens")
     repos = stdlib_repos(code_bytes)
 
     def write(name: str, docs) -> DomainConfig:
         prefix = os.path.join(out_dir, name)
+        count = tokens = 0
         with IndexedWriter(prefix, tok.vocab_size) as w:
             for text in docs:
-                w.add(np.concatenate([[tok.bos_id], tok.encode_np(text), eod]))
+                ids = np.concatenate([[tok.bos_id], tok.encode_np(text), eod])
+                w.add(ids)
+                count, tokens = count + 1, tokens + len(ids)
+        report(f"demo corpus: {name}: {count:,} documents, {tokens:,} tokens "
+               f"[{names.index(name) + 1}/{len(names)}]")
         return DomainConfig(name, [prefix], props.get(name, 0.0))
 
     domains = [write("code", (text for _, text in repos)),

@@ -156,7 +156,9 @@ def _build_demo(cfg: RunConfig, rank: int):
     # rank 0 (a full disk, say) reaches every rank at once instead of leaving them in the
     # broadcast until the process-group timeout.
     domains = on_all_ranks(
-        lambda: build_demo_corpus(out_dir, seed=cfg.training.seed) if rank == 0 else None)
+        lambda: build_demo_corpus(out_dir, seed=cfg.training.seed,
+                                  progress=lambda line: print(line, flush=True))
+        if rank == 0 else None)
     if dist.is_initialized():
         holder = [domains]
         dist.broadcast_object_list(holder, src=0)
