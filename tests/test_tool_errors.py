@@ -90,7 +90,18 @@ CASES = [
 # (a missing --text-key field, bad records, ...), i20-cli's train.py override errors. Append
 # Case(...) entries here; they run through the same contract below.
 # ---------------------------------------------------------------------------------------------
-CASES_FROM_OTHER_BRANCHES: list = []
+CASES_FROM_OTHER_BRANCHES: list = [
+    # train.py overrides: the override is named (not the recipe) and the nearest field suggested.
+    Case("train-override-unknown-field", "train",
+         ("examples/demo_cpu.yaml", "training.train_step=10"),
+         ("override training.train_step=10", "did you mean training.train_steps?")),
+    Case("train-override-bad-value", "train",
+         ("examples/demo_cpu.yaml", "training.train_steps=ten"),
+         ("override training.train_steps=ten", "expected an integer")),
+    Case("train-override-yaml-tag", "train",
+         ("examples/demo_cpu.yaml", "training.seed=!!python/object/apply:os.getpid []"),
+         ("override training.seed=", "tags such as !!python/object are not accepted")),
+]
 
 
 @pytest.fixture(scope="module")
