@@ -81,6 +81,7 @@ def _main(argv: Optional[list[str]], preemption: PreemptionFlag) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     from megatron_prolong.data.indexed import DataFileError
+    from megatron_prolong.training.checkpoint import CheckpointOutOfSpace
 
     try:
         train(cfg, runtime, layout, preemption=preemption)
@@ -94,6 +95,10 @@ def _main(argv: Optional[list[str]], preemption: PreemptionFlag) -> int:
         if runtime.rank == 0:
             print(f"error: {exc}", file=sys.stderr)
         return 3
+    except CheckpointOutOfSpace as exc:  # every rank's save failed; 75: Slurm requeues
+        if runtime.rank == 0:
+            print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
     finally:
         destroy_model_parallel()
         import torch.distributed as dist
