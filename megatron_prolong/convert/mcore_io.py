@@ -244,7 +244,7 @@ def read_regions(directory: str, requests: list[tuple[str, Optional[int], tuple[
     layer-stacked tensor, or the whole tensor)."""
     import torch.distributed.checkpoint as dcp
 
-    from megatron_prolong.training.safe_dcp import SafeFileSystemReader
+    from megatron_prolong.training.safe_dcp import SafeFileSystemReader, refusals_unwrapped
 
     planned = []
     out = []
@@ -257,7 +257,7 @@ def read_regions(directory: str, requests: list[tuple[str, Optional[int], tuple[
             buf = torch.empty((1, *shape), dtype=dtype)
             planned.append((key, (layer,) + (0,) * len(shape), buf))
             out.append(buf[0])
-    with _single_process_dcp():
+    with _single_process_dcp(), refusals_unwrapped():
         dcp.load({}, storage_reader=SafeFileSystemReader(directory),
                  planner=_region_planner(planned), no_dist=True)
     return out

@@ -52,7 +52,8 @@ from megatron.core import dist_checkpointing, tensor_parallel
 from megatron_prolong.config import ConfigError, ModelConfig, RunConfig, config_from_dict, to_dict
 from megatron_prolong.training import manifest
 from megatron_prolong.training.preemption import signals_blocked
-from megatron_prolong.training.safe_dcp import load_distributed
+from megatron_prolong.training.safe_dcp import (load_distributed, shard_extent_problems,
+                                                wrapped_errors)
 from megatron_prolong.training.weights import model_sharded_state_dict, unwrap
 
 LATEST = "latest"
@@ -165,22 +166,13 @@ def _out_of_space(exc: BaseException) -> bool:
     """Whether a failed save ran out of space: ENOSPC/EDQUOT anywhere in the exception chain
     (torch.distributed.checkpoint wraps its writers' errors), or torch's own short-write
     message ("unexpected pos 704 vs 598", which carries no errno)."""
-    seen, todo = set(), [exc]
-    while todo:
-        e = todo.pop()
-        if e is None or id(e) in seen:
-            continue
-        seen.add(id(e))
+    for e in wrapped_errors(exc):
         if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
             return True
         text = str(e)
-        if "No space left on device" in text or "Disk quota exceeded" in text or (
-                "unexpected pos" in text):
+        if any(s in text for s in ("No space left on device", "Disk quota exceeded",
+                                   "unexpected pos")):
             return True
-        todo += [e.__cause__, e.__context__]
-        failures = getattr(e, "failures", None)  # torch CheckpointException: rank -> error
-        if isinstance(failures, dict):
-            todo += [f[0] if isinstance(f, tuple) else f for f in failures.values()]
     return False
 
 
@@ -310,7 +302,8 @@ class CheckpointManager:
             _barrier()  # every rank's files are on disk
             parts = manifest.all_gather(_on_every_rank(lambda: manifest.digest_own_files(tmp)))
             _on_every_rank(lambda: manifest.write_manifest(tmp, parts) if _rank() == 0 else None)
-        except Exception as exc:  # noqa: BLE001 - only out-of-space is turned into exit 75
+        except BaseException as exc:  # torch's CheckpointException is a BaseException
+            # only out-of-space is turned into exit 75; everything else goes on as it was
             if not _out_of_space(exc):
                 raise
             if _rank() == 0:  # a partial checkpoint must not stay behind as if it were whole
@@ -508,6 +501,10 @@ def _verify(directory: str) -> None:
     if problems:
         raise CheckpointDamaged("; ".join(problems))
     if not has_manifest:
+        dist_dir = os.path.join(directory, "dist")
+        problems = shard_extent_problems(dist_dir if os.path.isdir(dist_dir) else directory)
+        if problems:
+            raise CheckpointDamaged("; ".join(problems))
         _warn(f"{directory} has no {manifest.MANIFEST} (saved before checkpoints carried "
               "digests): loading it unverified")
 

@@ -87,6 +87,23 @@ def _check_storage_paths(metadata: Metadata, where: str) -> None:
                                 "in the checkpoint's own directory; refusing to read outside it")
 
 
+def shard_extent_problems(directory: str) -> list[str]:
+    """Stat only: shard files that the metadata says are longer than they are (a truncated
+    copy or a disk that filled up), for checkpoints without a manifest."""
+    metadata = SafeFileSystemReader(directory).read_metadata()
+    need: dict = {}
+    for info in (metadata.storage_data or {}).values():
+        need[info.relative_path] = max(need.get(info.relative_path, 0), info.offset + info.length)
+    problems = []
+    for name, size in sorted(need.items()):
+        path = os.path.join(directory, name)
+        actual = os.path.getsize(path) if os.path.isfile(path) else None
+        if actual is None or actual < size:
+            problems.append(f"{path} is {'missing' if actual is None else f'{actual} bytes'}, "
+                            f"its metadata needs {size} (truncated)")
+    return problems
+
+
 @contextlib.contextmanager
 def _safe_reader():
     with mock.patch.object(mcore_torch_strategy, "_get_filesystem_reader",
@@ -122,8 +139,38 @@ class SafeCommonLoadStrategy(TorchCommonLoadStrategy):
                             "are not read; re-save the checkpoint with torch_dist")
 
 
+def wrapped_errors(exc: BaseException):
+    """`exc` and every error inside it: causes, contexts, and the per-rank failures that
+    torch.distributed.checkpoint collects into one CheckpointException."""
+    seen, todo = set(), [exc]
+    while todo:
+        e = todo.pop()
+        if not isinstance(e, BaseException) or id(e) in seen:
+            continue
+        seen.add(id(e))
+        yield e
+        todo += [e.__cause__, e.__context__]
+        failures = getattr(e, "failures", None)  # rank -> error (or (error, traceback))
+        if isinstance(failures, dict):
+            todo += [f[0] if isinstance(f, tuple) else f for f in failures.values()]
+
+
+@contextlib.contextmanager
+def refusals_unwrapped():
+    """A refusal raised inside torch.distributed.checkpoint's collectives reaches the caller
+    as itself (one line naming the file), not as a CheckpointException with tracebacks."""
+    try:
+        yield
+    except BaseException as exc:  # CheckpointException derives from BaseException
+        refused = next((e for e in wrapped_errors(exc) if isinstance(e, RefusedPickle)), None)
+        if refused is None or refused is exc:
+            raise
+        raise RefusedPickle(str(refused)) from None
+
+
 def load_distributed(sharded_state_dict: dict, directory: str) -> dict:
     """Collective: megatron's dist_checkpointing.load, every unpickling through the allow-list."""
-    return dist_checkpointing.load(sharded_state_dict, directory,
-                                   sharded_strategy=SafeTorchDistLoadStrategy(),
-                                   common_strategy=SafeCommonLoadStrategy())
+    with refusals_unwrapped():
+        return dist_checkpointing.load(sharded_state_dict, directory,
+                                       sharded_strategy=SafeTorchDistLoadStrategy(),
+                                       common_strategy=SafeCommonLoadStrategy())
