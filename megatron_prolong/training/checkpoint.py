@@ -51,6 +51,7 @@ from megatron.core import dist_checkpointing, tensor_parallel
 
 from megatron_prolong.config import ConfigError, ModelConfig, RunConfig, config_from_dict, to_dict
 from megatron_prolong.training import manifest
+from megatron_prolong.training.agreement import on_all_ranks
 from megatron_prolong.training.preemption import signals_blocked
 from megatron_prolong.training.safe_dcp import (load_distributed, shard_extent_problems,
                                                 wrapped_errors)
@@ -282,7 +283,10 @@ class CheckpointManager:
         name = step_dir_name(progress.step)
         tmp = os.path.join(self.save_dir, ".tmp-" + name)
         final = os.path.join(self.save_dir, name)
-        if _rank() == 0:
+
+        def prepare() -> None:
+            if _rank() != 0:
+                return
             os.makedirs(self.save_dir, exist_ok=True)
             for stale in os.listdir(self.save_dir):  # crashed saves leave these behind
                 if stale.startswith(".tmp-"):
@@ -291,7 +295,7 @@ class CheckpointManager:
             _refuse_link(final)
             os.makedirs(os.path.join(tmp, "dist"))
             os.makedirs(os.path.join(tmp, "rng"))
-        _barrier()
+        on_all_ranks(prepare)  # a refusal on rank 0 ends every rank, none waits at a barrier
         try:
             # The writer processes torch_dist starts here must outlive a preemption signal sent
             # to the whole process tree (Slurm does): see training/preemption.py.
@@ -311,7 +315,7 @@ class CheckpointManager:
             raise CheckpointOutOfSpace(
                 f"no space left on {self.save_dir} while saving step {progress.step}; removed "
                 f"the partial checkpoint {tmp}. Free space there (or lower checkpoint.keep_last) "
-                f"and relaunch: it resumes from {self.latest() or 'the start'} (exit "
+                f"and relaunch: it resumes from its latest checkpoint (exit "
                 f"{EXIT_RETRYABLE}: the Slurm scripts requeue)") from None
         if _rank() == 0:
             self._publish(tmp, final, name)
