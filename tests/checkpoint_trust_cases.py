@@ -22,9 +22,18 @@ class RunsCode:
         return (os.system, (f"touch {self.marker}",))
 
 
-def train_two_steps(root):
+def trained_runs(root):
+    """One process for every case that trains (imports and start-up are most of a case's time):
+    a run with checkpoints step_00000001/2 (`saved`, left as it is for the other tests), the
+    resume cases on copies of it, then train.py's main out of disk space (it ends the process
+    group, so it comes last)."""
     _runtime()
-    run([f"run_dir={root}", "training.train_steps=2", "checkpoint.save_interval=1"])
+    saved = os.path.join(root, "saved")
+    run([f"run_dir={saved}", "training.train_steps=2", "checkpoint.save_interval=1"])
+    out = resume_cases(saved, root)
+    out["saved"] = saved
+    out["out_of_space"] = out_of_space_case(os.path.join(root, "out_of_space"))
+    return out
 
 
 def plant_extra_state(step_dir, marker):
@@ -62,7 +71,6 @@ def flip_byte(path):
 
 def resume_cases(saved, root):
     """A resume past a flipped byte, and a resume into a crafted extra-state object."""
-    _runtime()
     out = {}
     flipped = os.path.join(root, "flipped")
     shutil.copytree(saved, flipped)

@@ -21,14 +21,19 @@ from checkpoint_trust_cases import RunsCode, flip_byte  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def saved(tmp_path_factory):
-    """A real run of the tiny model: checkpoints step_00000001 and step_00000002."""
-    from checkpoint_trust_cases import train_two_steps
+def trained(tmp_path_factory):
+    """Every case that trains, in one process (tests/checkpoint_trust_cases.trained_runs)."""
+    from checkpoint_trust_cases import trained_runs
     from distributed import run_distributed
 
-    root = str(tmp_path_factory.mktemp("trust") / "run")
-    run_distributed(train_two_steps, 1, root)
-    return root
+    (out,) = run_distributed(trained_runs, 1, str(tmp_path_factory.mktemp("trust")))
+    return out
+
+
+@pytest.fixture
+def saved(trained):
+    """A real run of the tiny model: checkpoints step_00000001 and step_00000002."""
+    return trained["saved"]
 
 
 def _copy(saved, tmp_path):
@@ -207,32 +212,25 @@ def test_rotation_skips_a_checkpoint_a_reader_holds(tmp_path):
 
 
 @pytest.mark.slow
-def test_resume_skips_a_damaged_checkpoint_and_refuses_crafted_extra_state(saved, tmp_path):
-    from checkpoint_trust_cases import resume_cases
-    from distributed import run_distributed
-
-    (out,) = run_distributed(resume_cases, 1, saved, str(tmp_path))
-    resumed_from, err, final_step = out["flipped"]
+def test_resume_skips_a_damaged_checkpoint_and_refuses_crafted_extra_state(trained):
+    resumed_from, err, final_step = trained["flipped"]
     assert resumed_from.endswith("step_00000001") and final_step == 3
     assert "skipping checkpoint" in err and "__0_0.distcp does not match its digest" in err
-    kind, message, fqn, ran = out["crafted"]
+    kind, message, fqn, ran = trained["crafted"]
     assert not ran
     assert kind == "RefusedPickle" and "_extra_state" in fqn
     assert f"(object {fqn}): refused to unpickle posix.system" in message
 
 
 @pytest.mark.slow
-def test_out_of_space_at_a_save_removes_it_and_exits_75(tmp_path):
-    from checkpoint_trust_cases import out_of_space_case
-    from distributed import run_distributed
-
-    (out,) = run_distributed(out_of_space_case, 1, str(tmp_path / "run"))
-    rc, err, left, latest = out
+def test_out_of_space_at_a_save_removes_it_and_exits_75(trained):
+    rc, err, left, latest = trained["out_of_space"]
     assert rc == 75
     errors = [line for line in err.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "Traceback" not in err
-    assert errors[0].startswith(f"error: no space left on {tmp_path / 'run' / 'checkpoints'} "
-                                "while saving step 2; removed the partial checkpoint")
+    checkpoints = os.path.join(os.path.dirname(trained["saved"]), "out_of_space", "checkpoints")
+    assert errors[0].startswith(f"error: no space left on {checkpoints} while saving step 2; "
+                                "removed the partial checkpoint")
     assert left == ["latest", "step_00000001"] and latest == "step_00000001"
 
 

@@ -6,7 +6,8 @@ torch.distributed.checkpoint stores its `.metadata` with plain pickle and reads 
 torch.save file. A pickle may name any importable callable and have it called, so each of
 these would run code hidden in a crafted checkpoint. Here every such read goes through
 `RestrictedUnpickler`, whose `find_class` hands out only the classes listed below (the ones a
-checkpoint saved by this project contains, enumerated from real TP/PP/DP saves) and refuses
+checkpoint saved by this project contains, enumerated from real TP/PP/DP training saves and
+tools/convert.py hf-to-mcore output) and refuses
 anything else with one line naming the file and the global.
 
 Megatron-LM and torchtitan read the same files with plain pickle; this module is why the
@@ -40,6 +41,10 @@ ALLOWED_GLOBALS = frozenset({
     (_DCP + "planner", "TensorWriteData"),
     (_DCP + "filesystem", "_StorageInfo"),
     # torch.Size and the layout lookup in TensorProperties; tensors in common.pt / extra state
+    # StorageMeta.checkpoint_id as torch's own FileSystemWriter stores it (tools/convert.py
+    # hf-to-mcore output); rebuilding a path object touches no file.
+    ("pathlib", "PosixPath"),
+    ("pathlib", "PurePosixPath"),
     ("torch", "Size"),
     ("torch.serialization", "_get_layout"),
     ("torch._utils", "_rebuild_tensor_v2"),
