@@ -114,6 +114,7 @@ def _launch(cfg, layout, preemption: PreemptionFlag) -> int:
         return 2
     from megatron_prolong.data.indexed import DataFileError
     from megatron_prolong.training.run_lock import RunDirBusy
+    from megatron_prolong.training.checkpoint import CheckpointOutOfSpace
 
     footprint = LaunchFootprint.take(cfg) if runtime.rank == 0 else None
     try:
@@ -130,6 +131,10 @@ def _launch(cfg, layout, preemption: PreemptionFlag) -> int:
         if runtime.rank == 0:
             print(f"error: {exc}", file=sys.stderr)
         return 3
+    except CheckpointOutOfSpace as exc:  # every rank's save failed; 75: Slurm requeues
+        if runtime.rank == 0:
+            print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
     finally:
         destroy_model_parallel()
         import torch.distributed as dist

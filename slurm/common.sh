@@ -19,9 +19,14 @@
 # applied last), DRY_RUN_ONLY=1 (validate the settings and stop; works without Slurm),
 # MAX_REQUEUES_WITHOUT_PROGRESS (default 5: requeues in a row with no new checkpoint before the
 # job stops requeueing itself and exits 3).
+# Exit 75 from the ranks (a checkpoint save ran out of disk space) requeues the job too.
 # CPU smoke test of a launch: docs/training.md, "Slurm".
 
 set -euo pipefail
+
+# Exit status the training uses for a retryable failure (a save out of disk space):
+# megatron_prolong/training/checkpoint.py EXIT_RETRYABLE.
+EXIT_RETRYABLE=75
 
 GPUS_PER_NODE=${GPUS_PER_NODE:-8}
 TASKS_PER_NODE=${TASKS_PER_NODE:-${GPUS_PER_NODE}}
@@ -82,10 +87,19 @@ requeue() {
     local key count=1 old_key="" old_count=0 limit=${MAX_REQUEUES_WITHOUT_PROGRESS:-5}
     local state_file="${RUN_DIR}/requeues_without_progress"
     key=$(progress_key)
-    if [[ -f ${state_file} ]]; then
+    if [[ ! ${limit} =~ ^[0-9]{1,6}$ ]]; then
+        echo "[$(stamp)] error: MAX_REQUEUES_WITHOUT_PROGRESS=${limit} is not a number" >&2
+        return 2
+    fi
+    if [[ -f ${state_file} && ! -L ${state_file} ]]; then
         read -r old_key old_count < "${state_file}" || true
+        # Data, not code: bash arithmetic would evaluate a crafted count (a[$(cmd)]).
+        if [[ ! ${old_count} =~ ^[0-9]{1,6}$ ]]; then
+            echo "[$(stamp)] warning: ${state_file} holds no count; starting again from 0" >&2
+            old_key="" old_count=0
+        fi
         if [[ ${old_key} == "${key}" ]]; then
-            count=$((old_count + 1))
+            count=$((10#${old_count} + 1))
         fi
     fi
     if (( count > limit )); then
@@ -97,6 +111,7 @@ requeue() {
         return 3
     fi
     mkdir -p "${RUN_DIR}"
+    rm -f "${state_file}"  # a symbolic link planted there is removed, not written through
     echo "${key} ${count}" > "${state_file}"
     echo "[$(stamp)] $1; requeueing job ${SLURM_JOB_ID} to resume"
     scontrol requeue "${SLURM_JOB_ID}"
@@ -151,6 +166,12 @@ prolong_train() {
     if [[ ${rc} == 0 && (${PREEMPTED} == 1 || -f ${RUN_DIR}/preempted) ]]; then
         requeue "checkpoint saved ($(cat "${RUN_DIR}/preempted" 2>/dev/null || echo "no marker"))" \
             || return
+    fi
+    # 75 (EX_TEMPFAIL): a save ran out of disk space and removed its partial checkpoint;
+    # retried like a preemption (the no-progress limit stops a disk that stays full).
+    if [[ ${rc} == "${EXIT_RETRYABLE}" ]]; then
+        requeue "exit ${rc}: a checkpoint save ran out of disk space (retryable)" || return
+        return 0
     fi
     return "${rc}"
 }

@@ -287,7 +287,8 @@ def evaluate_megatron(args) -> int:
     from megatron_prolong.convert.mcore_to_hf import find_model_config
     from megatron_prolong.data.tokenizer import build_tokenizer, check_tokenizer_matches_model
     from megatron_prolong.evaluation.session import evaluate, read_training_loss
-    from megatron_prolong.training.checkpoint import load_weights_only, step_dir_name
+    from megatron_prolong.training.checkpoint import (CheckpointGone, load_weights_only,
+                                                      resolve_checkpoint, step_dir_name)
     from megatron_prolong.training.data_source import run_tokenizer
     from megatron_prolong.training.parallel import (destroy_model_parallel, init_distributed,
                                                     init_model_parallel)
@@ -328,7 +329,15 @@ def evaluate_megatron(args) -> int:
             here = os.path.abspath(args.checkpoint)
             train_loss = read_training_loss(here) or read_training_loss(os.path.dirname(here))
         for checkpoint in checkpoints:
-            progress = load_weights_only(chunks, checkpoint)
+            try:
+                progress = load_weights_only(chunks, checkpoint)
+            except CheckpointGone as exc:  # a run still training rotated it away (keep_last)
+                if args.all_steps:
+                    if runtime.rank == 0:
+                        print(f"warning: {exc}; skipped", file=sys.stderr)
+                    continue
+                checkpoint = resolve_checkpoint(args.checkpoint)  # the next complete one
+                progress = load_weights_only(chunks, checkpoint)
             step = progress.step if progress is not None else None
             label = f"recall, step {step}" if step is not None else "recall"
             record, recall = evaluate(chunks, forward_backward, step=step, samples=samples,

@@ -7,7 +7,8 @@ extra-state objects, i.e. what training/weights.save_model_weights would write a
 load_model_weights expects at any TP/PP/CP layout. The data are then produced one mapped tensor at
 a time while torch.distributed.checkpoint writes them, so memory holds one tensor, not the model.
 
-Reading uses torch.distributed.checkpoint directly with a planner that asks for one region (one
+Reading uses torch.distributed.checkpoint directly (through training/safe_dcp's reader: no
+unpickling outside the allow-list) with a planner that asks for one region (one
 layer of one tensor) at a time: no process group, no model, and only that region in memory,
 whatever layout the checkpoint was saved in (dist_checkpointing's own loader needs every
 fragment of a tensor requested at once on a single process).
@@ -171,6 +172,9 @@ def save_mcore_checkpoint(model: ModelConfig, dtype: torch.dtype, produce_unit, 
         dcp.save({}, storage_writer=writer, planner=planner, no_dist=True)
     save_config(CheckpointingConfig(sharded_strategy.backend, sharded_strategy.version,
                                     common_strategy.backend, common_strategy.version), directory)
+    from megatron_prolong.training import manifest
+
+    manifest.write_manifest(directory, [manifest.digest_own_files(directory)])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -178,13 +182,33 @@ def save_mcore_checkpoint(model: ModelConfig, dtype: torch.dtype, produce_unit, 
 # ---------------------------------------------------------------------------------------------
 def tensor_metadata(directory: str) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
     """Global shape and dtype of every tensor in the checkpoint."""
-    from torch.distributed.checkpoint import FileSystemReader
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
+    from megatron_prolong.training.safe_dcp import SafeFileSystemReader
+
     check_checkpoint_dir(directory)
-    md = FileSystemReader(directory).read_metadata()
+    verify_checkpoint_files(directory)
+    md = SafeFileSystemReader(directory).read_metadata()
     return {k: (tuple(v.size), v.properties.dtype) for k, v in md.state_dict_metadata.items()
             if isinstance(v, TensorStorageMetadata)}
+
+
+def verify_checkpoint_files(directory: str) -> None:
+    """Every file against the manifest of the checkpoint (`directory` itself for a weights
+    directory, the step directory above a training checkpoint's dist/)."""
+    import sys
+
+    from megatron_prolong.training import manifest
+
+    parent = os.path.dirname(os.path.abspath(directory))
+    root = (parent if os.path.basename(os.path.normpath(directory)) == "dist"
+            and os.path.isfile(os.path.join(parent, manifest.MANIFEST)) else directory)
+    has_manifest, problems = manifest.verify(root)
+    if problems:
+        raise ConversionError("; ".join(problems) + "; the checkpoint is damaged: convert another")
+    if not has_manifest:
+        print(f"warning: {root} has no {manifest.MANIFEST} (saved before checkpoints carried "
+              "digests): converting it unverified", file=sys.stderr, flush=True)
 
 
 def _region_planner(requests: list[tuple[str, tuple[int, ...], torch.Tensor]]):
@@ -220,6 +244,8 @@ def read_regions(directory: str, requests: list[tuple[str, Optional[int], tuple[
     layer-stacked tensor, or the whole tensor)."""
     import torch.distributed.checkpoint as dcp
 
+    from megatron_prolong.training.safe_dcp import SafeFileSystemReader, refusals_unwrapped
+
     planned = []
     out = []
     for key, layer, shape, dtype in requests:
@@ -231,7 +257,7 @@ def read_regions(directory: str, requests: list[tuple[str, Optional[int], tuple[
             buf = torch.empty((1, *shape), dtype=dtype)
             planned.append((key, (layer,) + (0,) * len(shape), buf))
             out.append(buf[0])
-    with _single_process_dcp():
-        dcp.load({}, storage_reader=dcp.FileSystemReader(directory),
+    with _single_process_dcp(), refusals_unwrapped():
+        dcp.load({}, storage_reader=SafeFileSystemReader(directory),
                  planner=_region_planner(planned), no_dist=True)
     return out

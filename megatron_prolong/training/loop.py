@@ -79,12 +79,12 @@ def find_start(cfg: RunConfig, ckpt: CheckpointManager) -> tuple[Optional[str], 
 
 
 def restore(cfg: RunConfig, state: TrainState, layout: Layout, own: Optional[str],
-            source: Optional[str]) -> tuple[Progress, Optional[str]]:
+            source: Optional[str], ckpt: CheckpointManager) -> tuple[Progress, Optional[str]]:
     """Resume this run from its own latest checkpoint; else start from checkpoint.load
     (stage 2 from stage 1, SFT from stage 2); else from scratch."""
     fresh = Progress(layout=asdict(layout))
     if own:
-        progress = load_checkpoint(state.model, state.optimizer, own)
+        progress, own = ckpt.resume(state.model, state.optimizer, own)  # falls back if damaged
         progress.layout = asdict(layout)
         _print0(f"resuming from {own} (step {progress.step}, "
                 f"{progress.consumed_samples} samples consumed)")
@@ -159,7 +159,7 @@ def _train_locked(cfg: RunConfig, runtime: Runtime, layout: Layout,
         save_config(cfg, os.path.join(cfg.run_dir, "config.yaml"))
         clear_preempted_marker(cfg.run_dir)
     state = setup_training(cfg, runtime, layout)
-    progress, resumed_from = restore(cfg, state, layout, own, source)
+    progress, resumed_from = restore(cfg, state, layout, own, source, ckpt)
     schedule = LRSchedule.from_config(cfg)
     total = schedule.total_steps
     if data_source is None:
@@ -173,7 +173,7 @@ def _train_locked(cfg: RunConfig, runtime: Runtime, layout: Layout,
             f"{cfg.training.tokens_per_step:,} tokens/step, steps {progress.step} -> {total}")
     result = RunResult(final_step=progress.step, resumed_from=resumed_from)
     nan_streak = 0
-    last_saved = own
+    last_saved = resumed_from if own else None  # resume may have fallen back past `own`
 
     def save() -> str:
         # Skipped steps leave the weights alone, so this should never trigger; it is the

@@ -69,8 +69,13 @@ class RunDirLock:
         try:
             os.makedirs(self.directory, exist_ok=True)
             # O_CLOEXEC (Python's default): helper processes started with exec never inherit it.
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            # O_NOFOLLOW: a run.lock planted as a symbolic link is refused, not followed (the
+            # holder record would overwrite its target).
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
         except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise ConfigError(f"{self.path} is a symbolic link; the run directory's lock file "
+                                  "must be a regular file: remove the link") from None
             raise ConfigError(f"{self.path}: cannot create the run directory's lock file "
                               f"({exc.strerror}); check run_dir") from None
         try:

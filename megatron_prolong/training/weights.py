@@ -24,12 +24,25 @@ def model_sharded_state_dict(model_chunks: list) -> dict:
 
 
 def save_model_weights(model_chunks: list, directory: str) -> None:
+    """Collective. The weights and their manifest (digests: training/manifest.py)."""
+    import torch.distributed as dist
+
+    from megatron_prolong.training import manifest
+
     os.makedirs(directory, exist_ok=True)
     dist_checkpointing.save(model_sharded_state_dict(model_chunks), directory)
+    if dist.is_initialized():
+        dist.barrier()
+    parts = manifest.all_gather(manifest.digest_own_files(directory))
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        manifest.write_manifest(directory, parts)
 
 
 def load_model_weights(model_chunks: list, directory: str, strict: bool = True) -> None:
-    state = dist_checkpointing.load(model_sharded_state_dict(model_chunks), directory)
+    """Collective; every unpickling through the allow-list (training/safe_dcp.py)."""
+    from megatron_prolong.training.safe_dcp import load_distributed
+
+    state = load_distributed(model_sharded_state_dict(model_chunks), directory)
     unwrap(model_chunks[0]).load_state_dict(state, strict=strict)
 
 
