@@ -28,6 +28,7 @@ setup(
         "tensorboard>=2.15,<3",
         "psutil>=5.9,<8",
         "zstandard>=0.22,<1",
+        "xxhash>=3.0,<4",  # checkpoint digests (manifest.json); sha256 where it is missing
     ],
     extras_require={
         # GPU clusters: Transformer Engine with its PyTorch part and flash-attn build against CUDA.
