@@ -68,6 +68,9 @@ def _main(argv: Optional[list[str]], preemption: PreemptionFlag) -> int:
         # Before megatron-core is imported or anything built: the world size the launcher
         # (torchrun, srun) set, as init_distributed reads it.
         layout = validate(cfg, int(os.environ.get("WORLD_SIZE", "1")))
+        from megatron_prolong.training.limits import check_start_up_limits
+
+        check_start_up_limits(cfg, layout)  # this machine: before anything is allocated
         from megatron_prolong.training.loop import TrainingDiverged, train
         from megatron_prolong.training.parallel import (
             destroy_model_parallel,
