@@ -13,7 +13,8 @@ recipe does not fit the GPU.
 Preemption (SIGTERM/SIGUSR1) is honoured from the start of `main`, before torch and
 megatron-core are imported: a signal during start-up stops the run before its first step
 (nothing to save), one during training after the current step with a checkpoint; both exit 0
-and leave RUN_DIR/preempted for the launcher (slurm/common.sh requeues on it).
+and leave RUN_DIR/preempted for the launcher (slurm/common.sh requeues on it). Ctrl-C (SIGINT)
+once does the same; twice aborts at once without saving.
 """
 from __future__ import annotations
 

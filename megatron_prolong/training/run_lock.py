@@ -7,12 +7,8 @@ Slurm job, start time). A second launch into the same directory fails to take th
 reads that record to say who holds it. The other ranks of a launch belong to its owner and take
 no lock: two launches always have two rank 0s, and one of them loses.
 
-No stale-lock clean-up is needed: a process that exits or is killed (SIGKILL included) closes
-its descriptors and the kernel releases the lock; the file and its now stale record stay.
-Limits (docs/training.md): on NFS, flock is a POSIX lock held by the NFS server, released when
-the client's lease expires if its node died (NFSv4: about 90 s); Lustre needs the `flock`
-mount option (with `localflock` only processes on the same node exclude each other); a
-filesystem without locks gets a warning and runs unlocked.
+The mechanism (flock, the holder record, no stale-lock clean-up, NFS/Lustre limits, filesystems
+without locks) is megatron_prolong/file_lock.py's, shared with preprocessing's output prefixes.
 """
 from __future__ import annotations
 
