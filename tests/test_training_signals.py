@@ -27,6 +27,7 @@ def _cmd(run_dir, *extra):
 
 
 # ------------------------------------------------------------------------- start-up limits
+@pytest.mark.slow
 @pytest.mark.parametrize("override, needle", [
     ("training.seq_length=1099511627776", "of host memory"),
     ("training.global_batch_size=1099511627776", "1,099,511,627,776 micro-batches per step"),
@@ -58,6 +59,16 @@ def test_shipped_recipes_pass_and_a_step_too_big_for_the_gpu_is_refused():
     small_host = Machine("cuda", int(79.6 * GIB), 256 * GIB, 8)
     with pytest.raises(ConfigError, match="the step's collected batches come to 1,024.0 GiB"):
         check_start_up_limits(many, validate(many, 64), small_host)
+
+
+def test_a_cpu_run_is_checked_against_host_memory_without_the_cuda_allowance():
+    cfg = load_config("examples/demo_cpu.yaml", ["training.device=auto"])
+    layout = validate(cfg, 4)
+    check_start_up_limits(cfg, layout, Machine("cpu", None, 8 * GIB, 4))  # 4 tiny ranks, 8 GiB
+    big = load_config("examples/demo_cpu.yaml", ["training.seq_length=4194304"])
+    with pytest.raises(ConfigError, match=r"4 process\(es\) on this node.*more than 2 x the "
+                                          r"8.0 GiB here"):
+        check_start_up_limits(big, validate(big, 4), Machine("cpu", None, 8 * GIB, 4))
 
 
 def test_the_dry_run_still_reports_a_recipe_that_does_not_fit():

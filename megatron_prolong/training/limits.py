@@ -78,6 +78,8 @@ def check_start_up_limits(cfg: RunConfig, layout: Layout,
     machine = machine or this_machine(cfg)
     est = estimate_memory(cfg, layout)
     model_bytes = est.total(cfg.model.recompute)
+    if machine.device_memory is None:  # CPU processes: no CUDA context or NCCL buffers
+        model_bytes -= est.overhead
     # The step's micro-batches are collected in host memory before the step runs.
     batch_bytes = (layout.num_microbatches * t.micro_batch_size * t.seq_length
                    * BATCH_BYTES_PER_TOKEN)
