@@ -71,8 +71,9 @@ class PreemptionFlag:
         if signum == INTERRUPT:
             signal.signal(INTERRUPT, signal.SIG_DFL)
             if os.getpid() == self._pid and os.environ.get("RANK", "0") == "0":
-                os.write(2, b"\nSIGINT: stopping after the current step with a checkpoint; "
-                            b"press Ctrl-C again to abort at once without saving\n")
+                os.write(2, b"\nSIGINT: stopping cleanly (after the current step, with a "
+                            b"checkpoint if anything was trained); press Ctrl-C again to abort "
+                            b"at once without saving\n")
 
     @property
     def signal_name(self) -> str:
