@@ -12,6 +12,11 @@ def write_text_atomically(path: str, text: str, tmp: Optional[str] = None) -> No
     so concurrent writers never share a temporary file). Callers whose clean-up recognises
     their own temporary names pass `tmp`."""
     tmp = tmp or f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:  # a full disk, an interrupt: no temporary left behind
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise

@@ -19,7 +19,8 @@ and the nearest field name), the layout rules, and the inputs the recipe points 
 Preemption (SIGTERM/SIGUSR1) is honoured from the start of `main`, before torch and
 megatron-core are imported: a signal during start-up stops the run before its first step
 (nothing to save), one during training after the current step with a checkpoint; both exit 0
-and leave RUN_DIR/preempted for the launcher (slurm/common.sh requeues on it).
+and leave RUN_DIR/preempted for the launcher (slurm/common.sh requeues on it). Ctrl-C (SIGINT)
+once does the same; twice aborts at once without saving.
 """
 from __future__ import annotations
 
@@ -90,6 +91,9 @@ def _main(argv: Optional[list[str]], preemption: PreemptionFlag) -> int:
         # The world size the launcher (torchrun, srun) set, as init_distributed reads it.
         layout = validate(cfg, int(os.environ.get("WORLD_SIZE", "1")))
         check_inputs(cfg)
+        from megatron_prolong.training.limits import check_start_up_limits
+
+        check_start_up_limits(cfg, layout)  # this machine: before anything is allocated
     except (ConfigError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

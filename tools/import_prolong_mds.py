@@ -11,7 +11,8 @@ OUTPUT/<name>.lossmask.bin/.idx. OUTPUT/mixture.yaml (realised token shares) and
 OUTPUT/import_stats.json are written when every stream is complete.
 
 Any format error (truncated or garbled shard, Git-LFS pointer file instead of the data, missing
-shard, unknown column type, ids outside the vocabulary) stops the import with one `error:` line
+shard, a shard name that leaves its folder, a zstd shard larger than its index records, unknown
+column type, ids outside the vocabulary) stops the import with one `error:` line
 naming the shard (and sample) and exit status 2; the stream being written is removed (streams
 completed before it are whole and kept).
 

@@ -57,7 +57,8 @@ def main(argv=None) -> int:
         from megatron_prolong.data.shards import find_shards, output_files
 
         for prefix in find_shards(a.shards_of, a.num_shards):
-            for path in output_files(prefix) + [prefix + ".done"]:
+            # and the shard's writer lock (no writer left: every shard is complete)
+            for path in output_files(prefix) + [prefix + ".done", prefix + ".lock"]:
                 if os.path.exists(path):
                     os.remove(path)
     return 0

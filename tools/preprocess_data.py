@@ -19,7 +19,9 @@ Examples:
   python tools/merge_datasets.py --shards-of data/fineweb     # -> data/fineweb.bin/.idx
 
 A rerun with the same inputs and options skips an output that is already complete; a run that
-was killed leaves no output that looks complete and is redone. Exit 2: bad input or options.
+was killed leaves no output that looks complete and is redone; a rerun that fails keeps the
+previous complete output. One run per output prefix at a time (PREFIX.lock). Exit 2: bad input
+or options, or the prefix in use.
 """
 import argparse
 import os

@@ -1,7 +1,8 @@
 """HF checkpoint files: reading (safetensors shards + index, or PyTorch .bin) and writing
 sharded safetensors with an index, one tensor at a time.
 
-Reading checks the shards before any tensor is loaded: every file the index names exists, every
+Reading checks the shards before any tensor is loaded: every file the index names lies inside
+the checkpoint directory (megatron_prolong/folder_paths.py) and exists, every
 safetensors header parses and the file holds all the bytes the header promises (a truncated
 download is refused, not discovered half-way). Writing lays out each shard's header from the
 planned shapes first and then streams the tensors' bytes, so only the tensor being written is in
@@ -19,6 +20,7 @@ from typing import Iterable, Iterator, Optional
 import torch
 
 from megatron_prolong.convert.errors import ConversionError
+from megatron_prolong.folder_paths import OutsideFolder, is_other_than_regular_file, path_inside
 
 SAFETENSORS_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16,
@@ -87,10 +89,18 @@ class HFCheckpoint:
         with open(index_path) as f:
             try:
                 weight_map = json.load(f)["weight_map"]
-            except (json.JSONDecodeError, KeyError) as exc:
+            except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as exc:
                 raise ConversionError(f"{index_path}: not a valid index ({exc})") from None
+        if not isinstance(weight_map, dict):
+            raise ConversionError(f"{index_path}: not a valid index (weight_map is not a mapping)")
         by_file: dict[str, set[str]] = {}
         for name, file in weight_map.items():
+            try:  # the index names the files to read: only regular files inside the directory
+                path = path_inside(self.directory, file)
+                if is_other_than_regular_file(path):
+                    raise OutsideFolder(f"{file!r} is not a regular file")
+            except OutsideFolder as exc:
+                raise ConversionError(f"{index_path}: weight {name!r}: {exc}") from None
             by_file.setdefault(file, set()).add(name)
         missing = sorted(f for f in by_file if not os.path.exists(os.path.join(self.directory, f)))
         if missing:

@@ -15,7 +15,7 @@ Both rules are permutations of the global batch: no sample is lost or duplicated
 """
 from __future__ import annotations
 
-from typing import Iterator, Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
 import numpy as np
 
@@ -72,10 +72,20 @@ class RankBatchIterator:
         return self
 
     def __next__(self) -> list[dict]:
+        return self.next_batches()
+
+    def next_batches(self, interrupted: Optional[Callable[[], bool]] = None
+                     ) -> Optional[list[dict]]:
+        """This rank's micro-batches of the next step. `interrupted()` is asked after each
+        micro-batch: when it says True the step is given up (None; consumed_samples unchanged),
+        so a preemption signal does not wait for a long collection to finish."""
         start = self.consumed_samples
         if self.max_samples is not None and start + self.G > self.max_samples:
             raise StopIteration
-        batches = [collate_packed([self.dataset[i] for i in mb], self.pad_to_multiple_of)
-                   for mb in self.plan_for(start)]
+        batches = []
+        for mb in self.plan_for(start):
+            batches.append(collate_packed([self.dataset[i] for i in mb], self.pad_to_multiple_of))
+            if interrupted is not None and interrupted():
+                return None
         self.consumed_samples += self.G
         return batches

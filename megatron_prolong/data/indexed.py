@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import struct
-from typing import Iterable, Optional, Sequence
+from typing import Callable, Iterable, Optional, Sequence
 
 import numpy as np
 
@@ -132,6 +132,7 @@ class IndexedWriter:
                               if with_mask else None)
         self.num_sequences = 0
         self.num_tokens = 0
+        self._closed = False
 
     def add(self, tokens: np.ndarray, mask: Optional[np.ndarray] = None,
             lengths: Optional[Sequence[int]] = None) -> None:
@@ -155,16 +156,23 @@ class IndexedWriter:
             pairs.append((self._tmp + MASK_SUFFIX, self.prefix + MASK_SUFFIX))
         return pairs
 
-    def close(self) -> None:
+    def close(self, before_publish: Optional[Callable[[], None]] = None) -> None:
+        """Finish the temporaries, call `before_publish` (e.g. retire the previous output's
+        marker), then rename them into place. A second call does nothing."""
+        if self._closed:
+            return
         self._builder.finalize(get_idx_path(self._tmp))
         if self._mask_builder is not None:
             self._mask_builder.finalize(get_idx_path(self._tmp + MASK_SUFFIX))
+        if before_publish is not None:
+            before_publish()
         publish(self._tmp_files())
+        self._closed = True
 
     def abort(self) -> None:
         for b in (self._builder, self._mask_builder):
-            if b is not None and not b.file.closed:
-                b.file.close()
+            if b is not None:
+                close_discarding(b.file)
         remove_pairs(tmp for tmp, _ in self._tmp_files())
 
     def __enter__(self) -> "IndexedWriter":
@@ -175,6 +183,16 @@ class IndexedWriter:
             self.close()
         else:
             self.abort()
+
+
+def close_discarding(f) -> None:
+    """Close a file that is being thrown away. Closing flushes its buffer, which fails again on
+    the full disk that made us give up (ENOSPC): that must not stop the clean-up. The
+    descriptor is closed even when the flush fails (io.BufferedWriter.close)."""
+    try:
+        f.close()
+    except OSError:
+        pass
 
 
 def publish(pairs: Sequence[tuple[str, str]]) -> None:

@@ -23,6 +23,8 @@ from typing import Any, Iterator, Optional
 
 import numpy as np
 
+from ..folder_paths import OutsideFolder, is_other_than_regular_file, path_inside
+
 _SCALARS = {n: np.dtype(n) for n in ("uint8", "uint16", "uint32", "uint64", "int8", "int16",
                                       "int32", "int64", "float16", "float32", "float64")}
 _NDARRAY_CODES = {8: "uint8", 9: "int8", 16: "uint16", 17: "int16", 18: "float16", 32: "uint32",
@@ -150,9 +152,15 @@ def read_index(stream: str) -> list[Shard]:
             raw, zipped = e["raw_data"], e.get("zip_data")
             shard = Shard(stream, raw["basename"], int(e["samples"]),
                           list(zip(e["column_names"], e["column_encodings"], e["column_sizes"])),
-                          raw.get("bytes"), zipped and zipped["basename"],
-                          zipped and zipped.get("bytes"), e.get("compression"))
+                          _size(raw.get("bytes")), zipped and zipped["basename"],
+                          zipped and _size(zipped.get("bytes")), e.get("compression"))
             fmt = e.get("format")
+            # The index names the files to read: only files inside the stream's folder.
+            for name in (shard.name, shard.zip_name):
+                if name is not None:
+                    path_inside(stream, name)
+        except OutsideFolder as exc:
+            raise MDSFormatError(f"{path}: shard entry {k}: {exc}") from None
         except (KeyError, TypeError, ValueError) as exc:
             raise MDSFormatError(f"{path}: shard entry {k} is malformed ({type(exc).__name__}: "
                                  f"{exc})") from None
@@ -167,6 +175,15 @@ def read_index(stream: str) -> list[Shard]:
     return shards
 
 
+def _size(value) -> Optional[int]:
+    """A byte count from the index: None or a non-negative integer."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"byte count {value!r} is not a non-negative integer")
+    return value
+
+
 def _check_present(shard: Shard) -> None:
     raw = os.path.join(shard.stream, shard.name)
     if os.path.exists(raw):
@@ -176,12 +193,17 @@ def _check_present(shard: Shard) -> None:
         if not (shard.compression or "").startswith("zstd"):
             raise MDSFormatError(f"{shard.where}: compression {shard.compression!r} is not "
                                  "supported (zstd only)")
+        if shard.raw_bytes is None:  # the bound on what decompressing may produce
+            raise MDSFormatError(f"{shard.where}: index.json records no size (raw_data.bytes) "
+                                 "for this compressed shard; it is not decompressed unbounded")
         _check_file(os.path.join(shard.stream, shard.zip_name), shard.zip_bytes)
         return
     raise MDSFormatError(f"{shard.where}: missing (index.json lists it; incomplete download?)")
 
 
 def _check_file(path: str, expected: Optional[int]) -> None:
+    if is_other_than_regular_file(path):  # e.g. a link to /dev/zero: reading never ends
+        raise MDSFormatError(f"{path}: not a regular file")
     size = os.path.getsize(path)
     if size != expected and is_lfs_pointer(path):
         raise MDSFormatError(f"{path}: {LFS_HINT}")
@@ -194,19 +216,30 @@ def _check_file(path: str, expected: Optional[int]) -> None:
 def _shard_bytes(shard: Shard) -> bytes:
     raw = os.path.join(shard.stream, shard.name)
     if os.path.exists(raw):
-        with open(raw, "rb") as f:
-            return f.read()
+        with open(raw, "rb") as f:  # its size was checked against the index
+            return f.read() if shard.raw_bytes is None else f.read(shard.raw_bytes)
     import zstandard
 
+    # At most one byte more than the index records: a shard that expands further (a
+    # decompression bomb, a mislabelled file) is refused without being decompressed.
+    limit = shard.raw_bytes
     with open(os.path.join(shard.stream, shard.zip_name), "rb") as f:
         try:
-            data = zstandard.ZstdDecompressor().decompress(f.read(), max_output_size=1 << 34)
+            reader = zstandard.ZstdDecompressor().stream_reader(f, read_across_frames=True)
+            parts, n = [], 0
+            while n <= limit:
+                part = reader.read(min(1 << 24, limit + 1 - n))
+                if not part:
+                    break
+                parts.append(part)
+                n += len(part)
         except zstandard.ZstdError as exc:
             raise MDSFormatError(f"{shard.where}: does not decompress ({exc})") from None
-    if shard.raw_bytes is not None and len(data) != shard.raw_bytes:
-        raise MDSFormatError(f"{shard.where}: decompresses to {len(data)} bytes, index.json says "
-                             f"{shard.raw_bytes}")
-    return data
+    if n != limit:
+        raise MDSFormatError(f"{shard.where}: decompresses to "
+                             f"{'more than ' if n > limit else ''}{min(n, limit)} bytes, "
+                             f"index.json says {limit}")
+    return b"".join(parts)
 
 
 def _sample_offsets(shard: Shard, data: bytes) -> np.ndarray:

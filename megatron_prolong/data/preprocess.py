@@ -27,9 +27,10 @@ from typing import Any, Iterator, Optional
 import numpy as np
 
 from ..atomic_file import write_text_atomically
+from ..file_lock import OwnerLock
 from . import shards
 from .chat import ChatFormatError, render_chat
-from .indexed import IndexedWriter
+from .indexed import IndexedWriter, close_discarding
 from .readers import BadRecordError, expand_inputs, get_field, iter_records, parse_record
 from .tokenizer import Tokenizer, build_tokenizer
 
@@ -112,18 +113,21 @@ def _process_one(cfg: PreprocessConfig, tok: Tokenizer, shard: Optional[shards.S
     """-> (tokens or None, mask or None, group key, sort key, drop reason or error text)."""
     try:
         rec = parse_record(src, line, payload)
-        gkey = str(get_field(rec, cfg.group_key, src, line)) if cfg.group_key else None
+        gkey = (str(get_field(rec, cfg.group_key, src, line, "--group-key"))
+                if cfg.group_key else None)
         if gkey is not None and shard is not None and \
                 shards.group_shard(gkey, shard.count) != shard.index:
             return None, None, None, None, OTHER_SHARD
-        skey = get_field(rec, cfg.group_sort_key, src, line) if cfg.group_sort_key else None
+        skey = (get_field(rec, cfg.group_sort_key, src, line, "--group-sort-key")
+                if cfg.group_sort_key else None)
         if cfg.sft:
             try:
-                ids, mask = render_chat(tok, get_field(rec, cfg.messages_key, src, line))
+                messages = get_field(rec, cfg.messages_key, src, line, "--messages-key")
+                ids, mask = render_chat(tok, messages)
             except ChatFormatError as e:
                 raise BadRecordError(f"{src}:{line}: {e}") from None
         else:
-            text = get_field(rec, cfg.text_key, src, line)
+            text = get_field(rec, cfg.text_key, src, line, "--text-key")
             if not isinstance(text, str):
                 raise BadRecordError(f"{src}:{line}: field {cfg.text_key!r} is "
                                      f"{type(text).__name__}, expected a string")
@@ -272,7 +276,9 @@ class _GroupSpill:
                 f.close()
 
     def remove(self) -> None:
-        self.close()
+        for f in (self.f, self.kf):
+            if f is not None:
+                close_discarding(f)  # a full disk must not keep the files
         for p in (self.path, self.keys_path):
             if os.path.exists(p):
                 os.remove(p)
@@ -297,18 +303,51 @@ def _fingerprint(cfg: PreprocessConfig, files: list[str], with_shard_index: bool
     return shards.fingerprint(options, identity)
 
 
+class OutputBusy(ValueError):
+    """Another live process writes the same output prefix."""
+
+
+class _PrefixLock(OwnerLock):
+    """One writer per output prefix: ``PREFIX.lock`` (kept, like run_dir/run.lock)."""
+
+    guards = "this output prefix"
+
+    def __init__(self, prefix: str) -> None:
+        super().__init__(prefix + ".lock")
+        self.prefix = prefix
+
+    def busy(self, holder: str) -> Exception:
+        return OutputBusy(f"{self.prefix}: another preprocessing run writes this output prefix "
+                          f"({holder}); wait for it to end or stop it, or choose another "
+                          "--output-prefix")
+
+
 def preprocess(cfg: PreprocessConfig) -> dict:
     """Run the whole conversion (or this shard of it); returns the stats dict (also written as
-    JSON). A complete output made from the same inputs and options is kept, not redone."""
+    JSON). A complete output made from the same inputs and options is kept, not redone; a
+    previous complete output is replaced only once the new one is complete."""
     if cfg.sft and cfg.group_key:
         raise ValueError("--group-key cannot be combined with --sft (conversations stay apart)")
     spec = cfg.shard_spec()
     if spec is not None and cfg.stats_path:
         raise ValueError("--stats cannot be combined with --shard: each shard writes "
                          "PREFIX.shard-I-of-N.stats.json and the merge joins them")
-    all_files = _input_files(cfg)
     prefix = (shards.shard_prefix(cfg.output_prefix, spec.index, spec.count) if spec
               else cfg.output_prefix)
+    # Before anything under the prefix is read or removed (a second run would delete the
+    # first one's temporaries); released when this function returns or the process dies.
+    with _PrefixLock(prefix):
+        try:
+            return _preprocess_locked(cfg, spec, prefix)
+        except BaseException:
+            # Whatever failed (a full disk included), none of this run's temporaries stay.
+            shards.remove_temporaries(prefix, pid=os.getpid())
+            raise
+
+
+def _preprocess_locked(cfg: PreprocessConfig, spec: Optional[shards.ShardSpec],
+                       prefix: str) -> dict:
+    all_files = _input_files(cfg)
     stats_path = cfg.stats_path or prefix + ".stats.json"
     job = _fingerprint(cfg, all_files, with_shard_index=False)
     done = _fingerprint(cfg, all_files, with_shard_index=True)
@@ -317,7 +356,7 @@ def preprocess(cfg: PreprocessConfig) -> dict:
             out = json.load(f)
         out["skipped"] = True
         return out
-    shards.start_over(prefix)
+    shards.remove_temporaries(prefix)  # of a killed run; its complete output (if any) stays
     # grouped shards read every input (a group may span files); others a range of files
     files = (shards.files_for_shard(all_files, spec) if spec and not cfg.group_key
              else all_files)
@@ -379,6 +418,12 @@ def preprocess(cfg: PreprocessConfig) -> dict:
                 raise ValueError(f"no document kept from {files} (dropped: "
                                  f"{dict(stats.dropped)}); check --text-key and "
                                  "--min-doc-length")
+            replaced = [prefix + s for s in (".bin", ".idx", ".stats.json")]
+            if cfg.sft:
+                replaced += [prefix + s for s in (".lossmask.bin", ".lossmask.idx")]
+            if order is not None:
+                replaced.append(prefix + shards.ORDER_SUFFIX)
+            writer.close(before_publish=lambda: shards.retire(prefix, replaced))
         if order is not None:
             tmp = prefix + f".tmp-{os.getpid()}{shards.ORDER_SUFFIX}"
             np.save(tmp, np.asarray(order, dtype=np.int64))

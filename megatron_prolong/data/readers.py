@@ -19,6 +19,7 @@ import io
 import json
 import os
 import re
+import sys
 import zlib
 from typing import Any, Iterator, Union
 
@@ -149,24 +150,30 @@ def parse_record(source: str, line_no: int, payload: Payload) -> dict[str, Any]:
         text, surrogates = payload, True
     try:
         rec = json.loads(text)
+        if surrogates:
+            rec = _without_lone_surrogates(rec)
     except json.JSONDecodeError as e:
         raise BadRecordError(f"{source}:{line_no}: malformed JSON ({e.msg} at column {e.colno})"
                              ) from None
-    if surrogates:
-        rec = _without_lone_surrogates(rec)
+    except RecursionError:  # '[[[[...' 200,000 deep: a bad line, not a crash
+        raise BadRecordError(f"{source}:{line_no}: JSON nested too deeply (over "
+                             f"{sys.getrecursionlimit()} levels)") from None
     if not isinstance(rec, dict):
         raise BadRecordError(f"{source}:{line_no}: expected a JSON object, got "
                              f"{type(rec).__name__}")
     return rec
 
 
-def get_field(rec: dict, key: str, source: str, line_no: int) -> Any:
-    """Field lookup; dotted keys reach into nested objects (e.g. 'meta.repo')."""
+def get_field(rec: dict, key: str, source: str, line_no: int,
+              option: str = "the field name option") -> Any:
+    """Field lookup; dotted keys reach into nested objects (e.g. 'meta.repo'). `option` is the
+    command-line option that names the field (e.g. --text-key), for the error message."""
     cur: Any = rec
     for part in key.split("."):
         if not isinstance(cur, dict) or part not in cur:
             raise BadRecordError(f"{source}:{line_no}: no field {key!r} (keys: "
-                                 f"{sorted(rec)[:10]}); set the field name option")
+                                 f"{sorted(rec)[:10]}); set {option} to the field that holds "
+                                 "it")
         cur = cur[part]
     return cur
 

@@ -14,8 +14,10 @@ over the same inputs writes:
 
 Completion: outputs are written under temporary names and renamed into place; a marker
 ``PREFIX.done`` (JSON with the job's fingerprint: options, inputs with sizes and mtimes) is
-written last and removed first. A rerun with the same fingerprint skips a complete output; a
-missing marker means the output is redone from scratch (leftovers of a killed run removed).
+written last; a rerun removes it just before renaming its own outputs into place, so the
+previous complete output stays whole until the new one is complete (``retire``). A rerun with
+the same fingerprint skips a complete output; a missing marker means the output is redone from
+scratch (leftovers of a killed run removed).
 """
 from __future__ import annotations
 
@@ -134,6 +136,24 @@ def start_over(prefix: str) -> None:
         os.remove(prefix + DONE_SUFFIX)
     for path in output_files(prefix):
         os.remove(path)
-    for path in glob.glob(glob.escape(prefix) + ".tmp-*"):
+    remove_temporaries(prefix)
+
+
+def remove_temporaries(prefix: str, pid: Optional[int] = None) -> None:
+    """Delete ``prefix``'s temporaries: those of any process (left by a killed run; the caller
+    owns the prefix's lock), or only those of process `pid` (its own, after a failure)."""
+    pattern = glob.escape(prefix) + (f".tmp-{pid}" if pid is not None else ".tmp-") + "*"
+    for path in glob.glob(pattern):
         if _TMP_RE.match(path[len(prefix):]):
+            os.remove(path)
+
+
+def retire(prefix: str, replaced: list[str]) -> None:
+    """Just before a new output is renamed over ``prefix``: drop the old marker first, then the
+    old files the new output does not replace (a stale .lossmask pair, ordering file). Until
+    this moment the previous complete output stays whole, so a rerun that fails keeps it."""
+    if os.path.exists(prefix + DONE_SUFFIX):
+        os.remove(prefix + DONE_SUFFIX)
+    for path in output_files(prefix):
+        if path not in replaced:
             os.remove(path)

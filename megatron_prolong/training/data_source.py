@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import os
 from dataclasses import fields
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 import numpy as np
 import torch
@@ -82,8 +82,12 @@ class DataSource:
     def consumed_samples(self) -> int:
         return self._iter.consumed_samples
 
-    def next_step(self) -> list[dict]:
-        batches = next(self._iter)
+    def next_step(self, interrupted: Optional[Callable[[], bool]] = None
+                  ) -> Optional[list[dict]]:
+        """None when `interrupted()` (asked after each micro-batch) said stop."""
+        batches = self._iter.next_batches(interrupted)
+        if batches is None:
+            return None
         for batch in batches:
             ids = torch.tensor([self._domain_id(d) for d in batch["domains"]], dtype=torch.int64)
             per_sample = batch["tokens"].shape[1] // len(batch["domains"])

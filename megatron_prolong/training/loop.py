@@ -35,6 +35,7 @@ from megatron_prolong.training.run_lock import RunDirLock
 from megatron_prolong.training.preemption import (
     PreemptionFlag,
     clear_preempted_marker,
+    collection_poll,
     write_preempted_marker,
 )
 from megatron_prolong.training.schedule import LRSchedule
@@ -193,8 +194,18 @@ def _train_locked(cfg: RunConfig, runtime: Runtime, layout: Layout,
                 _print0(f"preempted during start-up ({preemption.signal_name}), before step "
                         f"{progress.step + 1}: nothing new to save; relaunch to resume from "
                         f"{resumed_from or 'the start'}")
+            saved_step = progress.step  # nothing is trained yet: nothing new to save
             while result.stop_reason == "done" and progress.step < total:
-                batches = data_source.next_step()
+                batches = data_source.next_step(collection_poll(preemption))
+                if batches is None:  # every rank agreed: a signal while collecting the batches
+                    result.stop_reason = "preempted"
+                    if progress.step > saved_step:
+                        last_saved = result.checkpoint = save()
+                        _print0(f"saved checkpoint {last_saved}")
+                    _print0(f"preempted ({preemption.signal_name}) while collecting the batches "
+                            f"of step {progress.step + 1}: step given up; relaunch to resume from "
+                            f"{last_saved or resumed_from or 'the start'}")
+                    break
                 lr = schedule.lr(progress.step)
                 start = time.perf_counter()
                 step_result = train_step(state, batches, lr)
@@ -229,7 +240,7 @@ def _train_locked(cfg: RunConfig, runtime: Runtime, layout: Layout,
                         or (interval and progress.step % interval == 0)):
                     signalled_before = preemption.received is not None
                     last_saved = save()
-                    result.checkpoint = last_saved
+                    result.checkpoint, saved_step = last_saved, progress.step
                     _print0(f"saved checkpoint {last_saved}")
                     if (not signalled_before and preemption.received is not None
                             and progress.step < total):

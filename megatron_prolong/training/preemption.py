@@ -1,4 +1,5 @@
-"""Preemption: SIGTERM/SIGUSR1 become a flag the training loop acts on, from process start to exit.
+"""Preemption: SIGTERM/SIGUSR1 (and a first Ctrl-C) become a flag the training loop acts on,
+from process start to exit.
 
 Standard library only at import time, so that `megatron_prolong.train` can install the flag before
 torch and megatron-core are imported: a signal that lands during start-up is recorded, not fatal.
@@ -26,15 +27,23 @@ from typing import Iterator, Optional
 from megatron_prolong.atomic_file import write_text_atomically
 
 PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+# Ctrl-C: the first one stops like a preemption (checkpoint, exit 0); the second aborts at once.
+# Not among the signals blocked around saves: an abort must work while a save hangs.
+INTERRUPT = signal.SIGINT
+# Micro-batches between two agreed checks of the flag while a step's batches are collected.
+COLLECTION_POLL_INTERVAL = 8
 # Left in run_dir by a run that stopped for preemption (the launcher requeues on it); the next
 # launch of the run removes it.
 PREEMPTED_MARKER = "preempted"
 
 
 class PreemptionFlag:
-    """SIGTERM/SIGUSR1 (Slurm preemption, `scancel --signal`, time limits) set a flag; the loop
-    checks it on every rank together (before the first step and after each step), then saves
-    and exits cleanly.
+    """SIGTERM/SIGUSR1 (Slurm preemption, `scancel --signal`, time limits) and a first SIGINT
+    (Ctrl-C) set a flag; the loop checks it on every rank together (before the first step,
+    every COLLECTION_POLL_INTERVAL micro-batches while a step's batches are collected, and
+    after each step), then saves and exits cleanly. A second SIGINT aborts at once: the first
+    one puts back the default action (the kernel ends the process, whatever Python is doing;
+    no checkpoint is written, the last complete one stays).
 
     Used as a context manager. Previous handlers come back on exit unless a signal was
     received: a preempted process is on its way out and a repeated signal must not kill it
@@ -43,9 +52,11 @@ class PreemptionFlag:
     def __init__(self) -> None:
         self.received: Optional[int] = None
         self._previous: dict = {}
+        self._pid = os.getpid()  # forked helpers inherit the handler; they say nothing
 
     def __enter__(self) -> "PreemptionFlag":
-        for sig in PREEMPTION_SIGNALS:
+        # SIGINT first: once SIGTERM is caught, Ctrl-C is too (tests wait for that state).
+        for sig in (INTERRUPT,) + PREEMPTION_SIGNALS:
             self._previous[sig] = signal.signal(sig, self._handle)
         return self
 
@@ -57,6 +68,12 @@ class PreemptionFlag:
     def _handle(self, signum, _frame) -> None:
         if self.received is None:  # the first one says why (a time limit: TERM, then more)
             self.received = signum
+        if signum == INTERRUPT:
+            signal.signal(INTERRUPT, signal.SIG_DFL)
+            if os.getpid() == self._pid and os.environ.get("RANK", "0") == "0":
+                os.write(2, b"\nSIGINT: stopping cleanly (after the current step, with a "
+                            b"checkpoint if anything was trained); press Ctrl-C again to abort "
+                            b"at once without saving\n")
 
     @property
     def signal_name(self) -> str:
@@ -74,6 +91,19 @@ class PreemptionFlag:
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
+
+
+def collection_poll(flag: PreemptionFlag):
+    """`interrupted()` for DataSource.next_step: every COLLECTION_POLL_INTERVAL micro-batches
+    all ranks ask `flag.any_rank()` together (they collect the same number of micro-batches,
+    so the collectives match), and give up the step when any rank was signalled."""
+    collected = 0
+
+    def interrupted() -> bool:
+        nonlocal collected
+        collected += 1
+        return collected % COLLECTION_POLL_INTERVAL == 0 and flag.any_rank()
+    return interrupted
 
 
 @contextlib.contextmanager
