@@ -91,6 +91,14 @@ CASES = [
 # Case(...) entries here; they run through the same contract below.
 # ---------------------------------------------------------------------------------------------
 CASES_FROM_OTHER_BRANCHES: list = [
+    # preprocess_data.py: a record without the field names the option that sets it; a line
+    # nested too deeply for the JSON parser is a bad line, not a RecursionError.
+    Case("preprocess-record-without-the-text-key", "preprocess_data",
+         ("--input", "{no_text_key}", "--output-prefix", "{out}/p", "--tokenizer", "byte"),
+         ("{no_text_key}:2", "no field 'text'", "--text-key")),
+    Case("preprocess-json-nested-too-deeply", "preprocess_data",
+         ("--input", "{deep_json}", "--output-prefix", "{out}/q", "--tokenizer", "byte"),
+         ("{deep_json}:1", "nested too deeply")),
     # train.py overrides: the override is named (not the recipe) and the nearest field suggested.
     Case("train-override-unknown-field", "train",
          ("examples/demo_cpu.yaml", "training.train_step=10"),
@@ -141,6 +149,12 @@ def inputs(tmp_path_factory):
     first = examples[0]
     save_examples([replace(first, prompt_ids=first.prompt_ids[:-1] + [400])] + examples[1:],
                   paths["examples_wide"])
+    paths["no_text_key"] = str(root / "no_text_key.jsonl")
+    with open(paths["no_text_key"], "w") as f:
+        f.write(json.dumps({"text": "a document"}) + "\n" + json.dumps({"body": "x"}) + "\n")
+    paths["deep_json"] = str(root / "deep.jsonl")
+    with open(paths["deep_json"], "w") as f:
+        f.write("[" * 200_000 + "]" * 200_000 + "\n")
     return paths
 
 
