@@ -104,6 +104,9 @@ def test_kernel_is_chosen_only_where_it_can_run(monkeypatch, fake_cudnn):
         monkeypatch.setattr(cudnn_attention, "device_capability", lambda: (9, 0))
         monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
         assert attention.kernel_unavailable("cudnn", "cuda", torch.bfloat16) is None
+        # Runnable, but not a default until the kit has checked it on a GPU (AUTO_ORDER).
+        assert attention.resolve_kernel("auto", "cuda", torch.bfloat16) != "cudnn"
+        assert attention.resolve_kernel("cudnn", "cuda", torch.bfloat16) == "cudnn"
         assert "CUDA in bf16/fp16" in attention.kernel_unavailable("cudnn", "cuda", torch.float32)
         monkeypatch.setattr(fake_cudnn.backend_version, "value", 90500)
         assert "cuDNN >= 9.6" in attention.kernel_unavailable("cudnn", "cuda", torch.bfloat16)
