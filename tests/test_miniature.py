@@ -32,7 +32,8 @@ def test_ci_size_run_trains_every_arm_from_the_short_checkpoint_and_writes_the_t
 
     short = yaml.safe_load((seed / "pretrain" / "config.yaml").read_text())
     assert (short["model"]["rotary_base"], short["training"]["seq_length"]) == (10_000, 512)
-    short_ckpt = os.path.realpath(seed / "pretrain" / "checkpoints" / "latest")
+    checkpoints = seed / "pretrain" / "checkpoints"
+    short_ckpt = os.path.realpath(checkpoints / (checkpoints / "latest").read_text().strip())
     for arm, (base, length) in ARMS.items():
         log = (seed / f"{arm}.log").read_text()
         loaded = [line for line in log.splitlines() if line.startswith("initialised weights")]

@@ -83,6 +83,8 @@ def train_facts(seed_dir: str, run: str) -> dict:
                                                .replace(",", ""))
             elif line.startswith("finished "):
                 facts["steps"] = int(line.split(" at step ")[1].split(":")[0])
+            elif line.startswith("nothing to do: ") and " complete at step " in line:
+                facts["steps"] = int(line.split(" complete at step ")[1].split()[0])
     return facts
 
 

@@ -14,8 +14,8 @@
 # Every run and the short checkpoint are then scored by tools/evaluate.py at 512, 1K, 2K and 4K
 # tokens; examples/miniature/report.py writes the table and the picture.
 #
-# Environment: MINIATURE_SCALE full|ci, MINIATURE_SEEDS ("1 2"), MINIATURE_JOBS (seeds run side
-# by side, one single-threaded process each: 2), MINIATURE_OUT (runs/miniature/<scale>),
+# Environment: MINIATURE_SCALE full|ci, MINIATURE_SEEDS ("1 2"), MINIATURE_JOBS (runs side by
+# side, one single-threaded process each: 2, one per core), MINIATURE_OUT (runs/miniature/<scale>),
 # MINIATURE_DOCS (where miniature.md/.png go: docs), MINIATURE_CORPUS (runs/miniature/corpus).
 # Run it again to resume: finished runs and evaluations are kept.
 set -euo pipefail
@@ -58,10 +58,11 @@ arm_overrides() {
   esac
 }
 
-# One phase: its command's output into LOG, its wall and CPU seconds into the seed's timings.
+# One phase: its command's output appended to LOG (a resumed run keeps its history), its wall
+# and CPU seconds to the seed's timings.
 timed() {  # timed TIMINGS PHASE LOG command...
   local timings=$1 phase=$2 log=$3; shift 3
-  if ! /usr/bin/time -f "$phase\t%e\t%U\t%S" -a -o "$timings" "$@" >"$log" 2>&1; then
+  if ! /usr/bin/time -f "$phase\t%e\t%U\t%S" -a -o "$timings" "$@" >>"$log" 2>&1; then
     echo "error: $phase failed; its log: $log" >&2
     tail -n 5 "$log" >&2
     return 1
@@ -86,50 +87,61 @@ evaluate() {  # evaluate RUN_DIR OUT_DIR TIMINGS NAME
       evaluation.validation_mixture=examples/miniature/mix_validation_recall.yaml
 }
 
-chain() {  # chain SEED: pre-training, then every arm; each run's evaluation runs beside the
-           # next training (a second process while the CPU allows)
-  local seed=$1 dir=$OUT/seed$1 evals=()
-  local timings=$dir/timings.tsv
+pretrain() {  # pretrain SEED: the short model of this seed
+  local seed=$1 dir=$OUT/seed$1
   mkdir -p "$dir"
   echo "seed $seed: pre-training at 512 tokens ($dir/pretrain.log)"
-  timed "$timings" pretrain "$dir/pretrain.log" "$PY" -m megatron_prolong.train \
+  timed "$dir/timings.tsv" pretrain "$dir/pretrain.log" "$PY" -m megatron_prolong.train \
     examples/miniature/pretrain.yaml run_dir="$dir/pretrain" training.seed="$seed" "${PRE[@]}"
-  evaluate "$dir/pretrain" "$dir/eval/short" "$timings" short &
-  evals+=($!)
-  for arm in $ARMS; do
-    echo "seed $seed: arm $arm ($dir/arm_$arm.log)"
-    # shellcheck disable=SC2046  # the overrides are words
-    timed "$timings" "arm_$arm" "$dir/arm_$arm.log" "$PY" -m megatron_prolong.train \
-      examples/miniature/continue.yaml run_dir="$dir/arm_$arm" checkpoint.load="$dir/pretrain" \
-      training.seed="$seed" $(arm_overrides "$arm") "${CONT[@]}"
-    evaluate "$dir/arm_$arm" "$dir/eval/arm_$arm" "$timings" "arm_$arm" &
-    evals+=($!)
+}
+
+arm() {  # arm SEED ARM: continue the seed's short model as the arm says, then evaluate it
+  local seed=$1 arm=$2 dir=$OUT/seed$1
+  echo "seed $seed: arm $arm ($dir/arm_$arm.log)"
+  # shellcheck disable=SC2046  # the overrides are words
+  timed "$dir/timings.tsv" "arm_$arm" "$dir/arm_$arm.log" "$PY" -m megatron_prolong.train \
+    examples/miniature/continue.yaml run_dir="$dir/arm_$arm" checkpoint.load="$dir/pretrain" \
+    training.seed="$seed" $(arm_overrides "$arm") "${CONT[@]}"
+  evaluate "$dir/arm_$arm" "$dir/eval/arm_$arm" "$dir/timings.tsv" "arm_$arm"
+}
+
+limited() {  # run "$@" in the background once fewer than JOBS runs are going
+  while [ "$(jobs -rp | wc -l)" -ge "$JOBS" ]; do wait -n || true; done
+  "$@" &
+}
+finished() {  # finished RUN...: wait for every run, then check that each one's results exist
+  wait || true
+  local missing=0 run
+  for run in "$@"; do
+    if [ ! -f "$OUT/$run/recall_docs/results.json" ]; then
+      echo "error: $OUT/$run has no results: see the logs in $OUT/${run%%/*}/" >&2
+      missing=1
+    fi
   done
-  local failed=0
-  for pid in "${evals[@]}"; do wait "$pid" || failed=1; done
-  [ "$failed" = 0 ] || return 1
-  echo "seed $seed: done"
+  [ "$missing" = 0 ] || exit 1
 }
 
 mkdir -p "$OUT"
 START=$(date +%s)
 LOAD=$(cut -d' ' -f1-3 /proc/loadavg)
 "$PY" examples/miniature/corpus.py "$MINIATURE_CORPUS"
-
-pids=()
-failed=0
+for seed in $SEEDS; do limited pretrain "$seed"; done
+wait || true
 for seed in $SEEDS; do
-  while [ "$(jobs -rp | wc -l)" -ge "$JOBS" ]; do wait -n || failed=1; done
-  chain "$seed" &
-  pids+=($!)
+  [ -e "$OUT/seed$seed/pretrain/checkpoints/latest" ] ||
+    { echo "error: pre-training of seed $seed failed: $OUT/seed$seed/pretrain.log" >&2; exit 1; }
 done
-for pid in "${pids[@]}"; do wait "$pid" || failed=1; done
-[ "$failed" = 0 ] || { echo "error: a run failed (logs under $OUT)" >&2; exit 1; }
+for seed in $SEEDS; do
+  limited evaluate "$OUT/seed$seed/pretrain" "$OUT/seed$seed/eval/short" \
+    "$OUT/seed$seed/timings.tsv" short
+  for a in $ARMS; do limited arm "$seed" "$a"; done
+done
+finished $(for seed in $SEEDS; do for run in short arm_a arm_b arm_c arm_d; do
+             echo "seed$seed/eval/$run"; done; done)
 
 END=$(date +%s)
-NSEEDS=$(echo $SEEDS | wc -w)
 cat >"$OUT/run.json" <<EOF
-{"scale": "$SCALE", "seeds": "$SEEDS", "jobs": $((JOBS < NSEEDS ? JOBS : NSEEDS)), "wall_seconds": $((END - START)),
+{"scale": "$SCALE", "seeds": "$SEEDS", "jobs": $JOBS, "wall_seconds": $((END - START)),
  "load_average_at_start": "$LOAD", "cpus": $(nproc --all),
  "finished": "$(date -u +%Y-%m-%dT%H:%MZ)",
  "command": "MINIATURE_SCALE=$SCALE bash examples/miniature/run.sh"}
