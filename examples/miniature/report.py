@@ -262,10 +262,11 @@ def markdown(run_dir: str, values: dict, facts: dict, seeds: list[str], picture_
            f"- seeds: {', '.join(seeds)} (each seed pre-trains its own short model; its four "
            "arms start from it); numbers are the mean over seeds, ± half the spread between "
            "them",
-           f"- time: {info.get('wall_seconds', 0) / 60:.1f} min wall clock with "
-           f"{info.get('jobs', '?')} seed(s) side by side on {info.get('cpus', '?')} CPU "
-           f"cores (load average at the start: {info.get('load_average_at_start', '?')}); "
-           f"{cpu / 60:.1f} CPU-minutes in all (per phase, summed over seeds: "
+           f"- time: the last invocation {info.get('wall_seconds', 0) / 60:.1f} min wall "
+           f"clock with up to {info.get('jobs', '?')} runs side by side on "
+           f"{info.get('cpus', '?')} CPU cores (load average at its start: "
+           f"{info.get('load_average_at_start', '?')}); {cpu / 60:.1f} CPU-minutes in all "
+           "(per phase, summed over seeds and resumed invocations: "
            + ", ".join(f"{k} {c / 60:.1f}" for k, (_, c) in times.items()) + ")",
            "", f"![recall and loss by position, one line per arm]({picture_name})", ""]
     out += ["## The runs", "",
