@@ -62,7 +62,9 @@ arm_overrides() {
 # and CPU seconds to the seed's timings.
 timed() {  # timed TIMINGS PHASE LOG command...
   local timings=$1 phase=$2 log=$3; shift 3
-  if ! /usr/bin/time -f "$phase\t%e\t%U\t%S" -a -o "$timings" "$@" >>"$log" 2>&1; then
+  local timer=()  # GNU time when installed (Debian/Ubuntu package `time`); else untimed
+  [ -x /usr/bin/time ] && timer=(/usr/bin/time -f "$phase\t%e\t%U\t%S" -a -o "$timings")
+  if ! "${timer[@]}" "$@" >>"$log" 2>&1; then
     echo "error: $phase failed; its log: $log" >&2
     tail -n 5 "$log" >&2
     return 1
