@@ -173,9 +173,10 @@ def _short(run: str) -> str:
 
 
 def effects(values: dict) -> str:
+    """The comparisons the issue asks about, each on the figure that should show it."""
     rows = [
-        ("continued pre-training at 4K (b vs the short model), recall documents at 2K-4K", "arm_b", "short",
-         "position_recall/2K-4K", False),
+        ("continued pre-training at 4K (b vs the short model), recall documents at 2K-4K",
+         "arm_b", "short", "position_recall/2K-4K", False),
         ("ABF: raising the RoPE base (b vs a), recall documents at 2K-4K", "arm_b", "arm_a",
          "position_recall/2K-4K", False),
         ("ABF: raising the RoPE base (b vs a), json_kv answer log-lik at 4K", "arm_b", "arm_a",
