@@ -14,6 +14,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron_prolong.config import ConfigError, ModelConfig, ParallelConfig
 from megatron_prolong.model.attention import DocumentMaskedAttention
 from megatron_prolong.model.context_parallel import te_context_parallel_kwargs
+from megatron_prolong.model.initialization import initialize_layout_free
 from megatron_prolong.model.loss import DEFAULT_CHUNK_SIZE, ChunkedLossGPTModel
 
 
@@ -44,6 +45,7 @@ def to_transformer_config(
     precision: str = "fp32",
     on_cpu: bool = False,
     use_te: bool = False,
+    perform_initialization: bool = True,
 ) -> TransformerConfig:
     """Build megatron-core's TransformerConfig for a Llama-3-shaped model."""
     bf16 = precision == "bf16"
@@ -87,6 +89,7 @@ def to_transformer_config(
         gradient_accumulation_fusion=False,
         apply_rope_fusion=False,
         use_cpu_initialization=on_cpu,
+        perform_initialization=perform_initialization,
         **recompute,
         # TE's own CP (cp_comm_type, a2a+p2p groups); the local path does Ulysses itself.
         **(te_context_parallel_kwargs(parallel.context, parallel.cp_comm_type) if use_te else {}),
@@ -119,8 +122,13 @@ def build_llama(
     post_process: bool = True,
     use_te: Optional[bool] = None,
     loss_chunk_size: int = DEFAULT_CHUNK_SIZE,
+    init_seed: Optional[int] = None,
 ) -> GPTModel:
     """The model chunk of this pipeline stage (parallel_state must be initialized).
+
+    With `init_seed` the weights are this stage's and rank's slices of one model drawn from the
+    seed (model/initialization.py): the same under every parallel layout. Without it megatron's
+    own per-shard initialisation, for callers that load weights right away.
 
     With labels the model returns per-token losses computed by the chunked cross-entropy
     (model/loss.py) in chunks of `loss_chunk_size` tokens; 0 uses megatron's full-logits loss.
@@ -135,10 +143,10 @@ def build_llama(
             "parallel.sequence_parallel=false for the local attention path"
         )
     config = to_transformer_config(model, parallel, precision=precision, on_cpu=on_cpu,
-                                   use_te=use_te)
+                                   use_te=use_te, perform_initialization=init_seed is None)
     model_class = ChunkedLossGPTModel if loss_chunk_size > 0 else GPTModel
     extra = dict(loss_chunk_size=loss_chunk_size) if loss_chunk_size > 0 else {}
-    return model_class(
+    gpt = model_class(
         config=config,
         transformer_layer_spec=llama_layer_spec(use_te, model.local_attention_kernel),
         vocab_size=model.vocab_size,
@@ -151,3 +159,6 @@ def build_llama(
         rotary_base=int(model.rotary_base),
         **extra,
     )
+    if init_seed is not None:
+        initialize_layout_free(gpt, config, init_seed)
+    return gpt
