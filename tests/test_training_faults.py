@@ -126,13 +126,12 @@ def test_one_owner_per_run_dir_and_metrics_cut_at_resume(tmp_path):
 
         # A second launch (a double sbatch, a requeue racing a relaunch) refuses at once,
         # even while the owner is stopped (suspended jobs still own their run directory).
-        start = time.time()
+        # (It cannot wait for the lock: the owner is stopped, _train's timeout would end it.)
         second = _train(run_dir, "training.train_steps=7")
         assert second.returncode == 2, second.stdout + second.stderr
         (line,) = _error_lines(second)
         assert f"is in use by pid {first.pid} on host " in line, line
         assert "running since" in line
-        assert time.time() - start < 60
         assert (run_dir / "config.yaml").read_bytes() == config_before
         assert first.poll() is None, "the owner is untouched"
     finally:
@@ -259,7 +258,7 @@ def test_latest_fallback_rules(tmp_path):
     ("model.num_attention_heads=0", "model.num_attention_heads=0: must be >= 1"),
 ])
 def test_non_positive_fields_are_refused_before_anything_is_built(tmp_path, override, field):
-    out = _train(tmp_path / "run", override, timeout=60)
+    out = _train(tmp_path / "run", override)
     assert out.returncode == 2, out.stdout + out.stderr
     assert _error_lines(out) == [f"error: invalid configuration: {field}"]
     assert not (tmp_path / "run").exists()
