@@ -61,7 +61,8 @@ def fresh_model_across_layouts(layouts, overrides, weights_dir):
     """Each layout builds its model from the recipe's seed alone (no shared weights file) and
     saves it, then takes one training step on the same batch. Finally the (1, 1) model loads
     every layout's save (dist_checkpointing gathers the shards) and compares it, tensor by
-    tensor, with its own fresh initialisation. Returns (step-1 losses, max abs differences)."""
+    tensor, with its own fresh initialisation. Returns {layout: (step-1 loss, gradient norm)},
+    {layout: {tensor: max abs difference}} and the fresh tensors' standard deviations."""
     rt = init_distributed("cpu")
     base = load_config(None, overrides)
     batch = synthetic_packed_rows(base.training.global_batch_size, base.training.seq_length,
@@ -75,7 +76,8 @@ def fresh_model_across_layouts(layouts, overrides, weights_dir):
         save_model_weights(state.model, f"{weights_dir}/{tp}x{pp}")
         per_rank = layout.num_microbatches
         dp_rank = parallel_state.get_data_parallel_rank()
-        losses[(tp, pp)] = train_step(state, batch[dp_rank * per_rank:(dp_rank + 1) * per_rank]).loss
+        result = train_step(state, batch[dp_rank * per_rank:(dp_rank + 1) * per_rank])
+        losses[(tp, pp)] = (result.loss, result.grad_norm)
         destroy_model_parallel()
     cfg = load_config(None, overrides)
     layout = validate(cfg, rt.world_size)

@@ -12,7 +12,7 @@ and slices come from the model's own `sharded_state_dict()`: the mapping megatro
 dist_checkpointing uses to reshard checkpoints between layouts (the fc1 gate/up split included),
 so the model is the same tensor-for-tensor under every TP/PP/CP/DP layout, with the TE or the
 local layer spec. Cost: each rank draws the full tensors of its own pipeline stage (TP times its
-own share), one tensor at a time, on the parameters' device; megatron's per-shard draw is skipped.
+own share), one tensor at a time, on the parameters' device, after megatron's own draw.
 """
 from __future__ import annotations
 

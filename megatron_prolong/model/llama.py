@@ -45,7 +45,6 @@ def to_transformer_config(
     precision: str = "fp32",
     on_cpu: bool = False,
     use_te: bool = False,
-    perform_initialization: bool = True,
 ) -> TransformerConfig:
     """Build megatron-core's TransformerConfig for a Llama-3-shaped model."""
     bf16 = precision == "bf16"
@@ -89,7 +88,6 @@ def to_transformer_config(
         gradient_accumulation_fusion=False,
         apply_rope_fusion=False,
         use_cpu_initialization=on_cpu,
-        perform_initialization=perform_initialization,
         **recompute,
         # TE's own CP (cp_comm_type, a2a+p2p groups); the local path does Ulysses itself.
         **(te_context_parallel_kwargs(parallel.context, parallel.cp_comm_type) if use_te else {}),
@@ -143,7 +141,7 @@ def build_llama(
             "parallel.sequence_parallel=false for the local attention path"
         )
     config = to_transformer_config(model, parallel, precision=precision, on_cpu=on_cpu,
-                                   use_te=use_te, perform_initialization=init_seed is None)
+                                   use_te=use_te)
     model_class = ChunkedLossGPTModel if loss_chunk_size > 0 else GPTModel
     extra = dict(loss_chunk_size=loss_chunk_size) if loss_chunk_size > 0 else {}
     gpt = model_class(
@@ -160,5 +158,8 @@ def build_llama(
         **extra,
     )
     if init_seed is not None:
+        # Over megatron's own initialisation, which stays on: it also marks the parameters
+        # tensor-parallel (set_tensor_model_parallel_attributes), which the gradient norm and
+        # clipping rely on.
         initialize_layout_free(gpt, config, init_seed)
     return gpt
