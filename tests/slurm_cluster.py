@@ -109,15 +109,20 @@ class SlurmCluster:
             int(j["Restarts"]) >= 1 and j["JobState"] != "COMPLETING"), "requeued", timeout)
 
     def wait_for_log(self, job_id: int, text: str, timeout: float = HANG_S) -> str:
-        """The job's log once it holds `text` (a line the job prints when it decides)."""
+        """The job's log once it holds `text` (a line the job prints when it decides); fails
+        as soon as the job has ended (left COMPLETING) without printing it."""
         end = time.time() + timeout
         while True:
+            ended = self.job(job_id)["JobState"] in FINAL_STATES  # before reading the log
             log = self.log(job_id)
             if text in log:
                 return log
-            if time.time() > end:
-                raise AssertionError(f"job {job_id}: no {text!r} in its log after "
-                                     f"{timeout:.0f}s; log:\n{log[-4000:]}")
+            if ended or time.time() > end:
+                info = self.job(job_id)
+                raise AssertionError(
+                    f"job {job_id}: no {text!r} in its log ({info['JobState']}, exit "
+                    f"{info['ExitCode']}, after {timeout - (end - time.time()):.0f}s); "
+                    f"log:\n{log[-4000:]}")
             time.sleep(0.2)
 
     def signal(self, job_id: int, sig: str, batch: bool) -> None:
