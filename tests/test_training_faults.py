@@ -349,8 +349,11 @@ def test_max_token_id_is_cached_per_file_and_rescanned_when_it_changes(tmp_path)
     with open(prefix + CACHE_SUFFIX) as f:
         assert json.load(f)["max_token_id"] == 300
     check_token_ids(prefix, 512)
-    time.sleep(0.01)
-    _write_dataset(prefix, [[1, 2, 3], [4, 500]])  # rewritten in place: new size/mtime
+    before = os.stat(prefix + ".bin")
+    _write_dataset(prefix, [[1, 2, 3], [4, 500]])  # rewritten in place, the same size
+    # A rewrite lands at a later mtime; within one clock tick (coarse, a few ms) the kernel
+    # may give it the same one, so the test sets a later one rather than sleeping for it.
+    os.utime(prefix + ".bin", ns=(before.st_atime_ns, before.st_mtime_ns + 1_000_000))
     assert max_token_id(prefix) == 500
     from megatron_prolong.data.indexed import DataFileError
 
