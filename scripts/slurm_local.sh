@@ -13,8 +13,8 @@
 # default is 120; a cancelled job's processes get SIGKILL KILL_WAIT seconds after SIGTERM, default
 # 180 for loaded test machines, where Slurm's is 30), slurmctld and slurmd on free TCP ports, their
 # state, spool and logs. Nothing outside DIR is configured, the system's own munge/slurm
-# services are not touched, and several such clusters can run side by side. `stop` cancels the cluster's jobs and stops the daemons that
-# `start` started (by the process ids it recorded).
+# services are not touched, and several such clusters can run side by side. `stop` cancels the
+# cluster's jobs and stops the daemons that `start` started (by the process ids it recorded).
 #
 # Exit status: 0 ok; 3 this machine cannot host it (not root, not Debian-like, no apt-get, the
 # install failed): the one-line reason is on stderr and tests skip with it; 1 anything else

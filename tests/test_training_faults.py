@@ -28,7 +28,7 @@ def _cmd(run_dir, *extra):
             *extra]
 
 
-def _train(run_dir, *extra, timeout=300):
+def _train(run_dir, *extra, timeout=900):  # timeouts in this file bound a hang only
     return subprocess.run(_cmd(run_dir, *extra), cwd=REPO, env=ENV, capture_output=True,
                           text=True, timeout=timeout)
 
@@ -94,7 +94,7 @@ def test_non_finite_weights_are_never_saved(nan_gradients):
 
 
 # ---------------------------------------------------------------------------------- items 2, 4
-def _frozen_between_saves(proc, run_dir, timeout=300):
+def _frozen_between_saves(proc, run_dir, timeout=900):
     """SIGSTOP the run at a moment when it has logged steps after its latest checkpoint (a
     stopped process's files hold still, so the check is exact); returns that checkpoint."""
     deadline = time.time() + timeout
@@ -202,7 +202,7 @@ def test_changed_model_shape_and_dangling_latest(tmp_path):
         config_before.decode().replace("num_layers: 4", "num_layers: 2"))
     out = subprocess.run([sys.executable, "tools/convert.py", "mcore-to-hf", "--checkpoint",
                           str(run_dir), "--out", str(tmp_path / "hf")], cwd=REPO, env=ENV,
-                         capture_output=True, text=True, timeout=300)
+                         capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stdout + out.stderr
     assert json.loads((tmp_path / "hf" / "config.json").read_text())["num_hidden_layers"] == 4
     (run_dir / "config.yaml").write_bytes(config_before)
@@ -382,7 +382,7 @@ def test_start_up_error_on_two_ranks_exits_2_everywhere(tmp_path):
                                               "MASTER_PORT": port})
              for r in range(2)]
     try:
-        outs = [p.communicate(timeout=300) for p in ranks]
+        outs = [p.communicate(timeout=900) for p in ranks]
     finally:
         for p in ranks:
             p.kill()
