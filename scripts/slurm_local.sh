@@ -10,10 +10,11 @@
 # it holds the munge socket): a MUNGE key and daemon on DIR/munge.socket, slurm.conf for this
 # host (its real cores and memory as `slurmd -C` reports them, one partition `cpu`, requeue
 # allowed; a requeued job may start again after CRED_EXPIRE seconds, default 10, where Slurm's
-# default is 120), slurmctld and slurmd on free TCP ports, their state, spool and logs. Nothing outside
-# DIR is configured, the system's own munge/slurm services are not touched, and several such
-# clusters can run side by side. `stop` cancels the cluster's jobs and stops the daemons that
-# `start` started (by the process ids it recorded).
+# default is 120; a cancelled job's processes get SIGKILL KILL_WAIT seconds after SIGTERM, default
+# 180 for loaded test machines, where Slurm's is 30), slurmctld and slurmd on free TCP ports, their
+# state, spool and logs. Nothing outside DIR is configured, the system's own munge/slurm
+# services are not touched, and several such clusters can run side by side. `stop` cancels the
+# cluster's jobs and stops the daemons that `start` started (by the process ids it recorded).
 #
 # Exit status: 0 ok; 3 this machine cannot host it (not root, not Debian-like, no apt-get, the
 # install failed): the one-line reason is on stderr and tests skip with it; 1 anything else
@@ -112,7 +113,10 @@ SelectTypeParameters=CR_Core
 SchedulerType=sched/backfill
 JobRequeue=1
 ReturnToService=2
-KillWait=30
+# How long a cancelled job's processes have between SIGTERM and SIGKILL: production clusters use
+# 30 s (Slurm's default), which a save of the tests' tiny model fits on a quiet machine; a loaded
+# one (load average 15+ on 2 cores) needs more, and a healthy job never waits for it.
+KillWait=${KILL_WAIT:-180}
 MinJobAge=3600
 InactiveLimit=0
 SlurmctldTimeout=60

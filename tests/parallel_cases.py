@@ -55,3 +55,40 @@ def losses_across_layouts(layouts, steps, overrides, weights_dir):
         results[(tp, pp)] = losses
         destroy_model_parallel()
     return results
+
+
+def fresh_model_across_layouts(layouts, overrides, weights_dir):
+    """Each layout builds its model from the recipe's seed alone (no shared weights file) and
+    saves it, then takes one training step on the same batch. Finally the (1, 1) model loads
+    every layout's save (dist_checkpointing gathers the shards) and compares it, tensor by
+    tensor, with its own fresh initialisation. Returns {layout: (step-1 loss, gradient norm)},
+    {layout: {tensor: max abs difference}} and the fresh tensors' standard deviations."""
+    rt = init_distributed("cpu")
+    base = load_config(None, overrides)
+    batch = synthetic_packed_rows(base.training.global_batch_size, base.training.seq_length,
+                                  base.model.vocab_size, seed=100)
+    losses = {}
+    for tp, pp in layouts:
+        cfg = load_config(None, overrides + [f"parallel.tensor={tp}", f"parallel.pipeline={pp}"])
+        layout = validate(cfg, rt.world_size)
+        init_model_parallel(layout, cfg.training.seed)
+        state = setup_training(cfg, rt, layout)
+        save_model_weights(state.model, f"{weights_dir}/{tp}x{pp}")
+        per_rank = layout.num_microbatches
+        dp_rank = parallel_state.get_data_parallel_rank()
+        result = train_step(state, batch[dp_rank * per_rank:(dp_rank + 1) * per_rank])
+        losses[(tp, pp)] = (result.loss, result.grad_norm)
+        destroy_model_parallel()
+    cfg = load_config(None, overrides)
+    layout = validate(cfg, rt.world_size)
+    init_model_parallel(layout, cfg.training.seed)
+    state = setup_training(cfg, rt, layout)
+    fresh = {k: v.detach().clone() for k, v in state.model[0].module.state_dict().items()
+             if torch.is_tensor(v)}
+    differences = {}
+    for tp, pp in layouts:
+        load_model_weights(state.model, f"{weights_dir}/{tp}x{pp}")
+        loaded = state.model[0].module.state_dict()
+        differences[(tp, pp)] = {k: (loaded[k] - v).abs().max().item() for k, v in fresh.items()}
+    destroy_model_parallel()
+    return losses, differences, {k: v.std().item() for k, v in fresh.items()}

@@ -20,6 +20,9 @@ CANNOT_RUN = 3  # the harness's exit status for "this machine cannot host a clus
 # Two CPU tasks on the harness's `cpu` partition in place of the scripts' GPU resources.
 CPU_SBATCH = ["--partition=cpu", "--nodes=1", "--ntasks-per-node=2", "--cpus-per-task=1",
               "--gpus-per-node=0", "--mem=4G", "--time=30"]
+# Deadlines here only bound a hang: every wait ends on a state, never at a moment. Generous,
+# because a loaded machine (load average 15 on 2 cores) runs these jobs many times slower.
+HANG_S = 1800
 FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY",
                 "BOOT_FAIL", "DEADLINE", "PREEMPTED"}
 
@@ -54,7 +57,7 @@ class SlurmCluster:
         return {**os.environ, "SLURM_CONF": self.conf}
 
     def run(self, *cmd: str) -> str:
-        proc = subprocess.run(cmd, env=self.env, capture_output=True, text=True, timeout=60)
+        proc = subprocess.run(cmd, env=self.env, capture_output=True, text=True, timeout=300)
         if proc.returncode != 0:
             raise RuntimeError(f"{' '.join(cmd)}: {proc.stderr.strip()}")
         return proc.stdout
@@ -67,7 +70,7 @@ class SlurmCluster:
         os.makedirs(log_dir, exist_ok=True)
         cmd = ["sbatch", "--parsable", f"--output={log_dir}/%x-%j.out", *options, script]
         proc = subprocess.run(cmd, cwd=REPO, env={**self.env, **env}, capture_output=True,
-                              text=True, timeout=60)
+                              text=True, timeout=300)
         if proc.returncode != 0:
             raise RuntimeError(f"{' '.join(cmd)}: {proc.stderr.strip()}")
         return int(proc.stdout.strip().split(";")[0])
@@ -81,8 +84,8 @@ class SlurmCluster:
         path = self.job(job_id)["StdOut"]
         return open(path).read() if os.path.exists(path) else ""
 
-    def wait(self, job_id: int, until: Callable[[dict], bool], timeout: float,
-             what: str) -> dict:
+    def wait(self, job_id: int, until: Callable[[dict], bool], what: str,
+             timeout: float = HANG_S) -> dict:
         end = time.time() + timeout
         while True:
             info = self.job(job_id)
@@ -93,8 +96,34 @@ class SlurmCluster:
                                      f"({info.get('JobState')}); log:\n{self.log(job_id)[-4000:]}")
             time.sleep(0.2)
 
-    def wait_done(self, job_id: int, timeout: float = 300) -> dict:
-        return self.wait(job_id, lambda j: j["JobState"] in FINAL_STATES, timeout, "finished")
+    def wait_done(self, job_id: int, timeout: float = HANG_S) -> dict:
+        """A final state, shown only once the job has left COMPLETING: every process of it,
+        the batch script included, has ended, so nothing about it can change any more."""
+        return self.wait(job_id, lambda j: j["JobState"] in FINAL_STATES, "finished", timeout)
+
+    def wait_requeued(self, job_id: int, timeout: float = HANG_S) -> dict:
+        """Restarts went up and the job has left COMPLETING (scontrol shows COMPLETING while
+        the old run's processes end, with Restarts already counted): PENDING, REQUEUED or
+        running again. Or a final state, when it was not requeued."""
+        return self.wait(job_id, lambda j: j["JobState"] in FINAL_STATES or (
+            int(j["Restarts"]) >= 1 and j["JobState"] != "COMPLETING"), "requeued", timeout)
+
+    def wait_for_log(self, job_id: int, text: str, timeout: float = HANG_S) -> str:
+        """The job's log once it holds `text` (a line the job prints when it decides); fails
+        as soon as the job has ended (left COMPLETING) without printing it."""
+        end = time.time() + timeout
+        while True:
+            ended = self.job(job_id)["JobState"] in FINAL_STATES  # before reading the log
+            log = self.log(job_id)
+            if text in log:
+                return log
+            if ended or time.time() > end:
+                info = self.job(job_id)
+                raise AssertionError(
+                    f"job {job_id}: no {text!r} in its log ({info['JobState']}, exit "
+                    f"{info['ExitCode']}, after {timeout - (end - time.time()):.0f}s); "
+                    f"log:\n{log[-4000:]}")
+            time.sleep(0.2)
 
     def signal(self, job_id: int, sig: str, batch: bool) -> None:
         """scancel --signal: to the batch shell only (--batch, what #SBATCH --signal=B:... does)

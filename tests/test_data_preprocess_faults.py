@@ -20,7 +20,7 @@ TOOL = os.path.join(REPO, "tools", "preprocess_data.py")
 def cli(*args, quiet=True):
     env = {**os.environ, "PYTHONPATH": REPO}
     return subprocess.run([sys.executable, TOOL, *args] + (["--quiet"] if quiet else []),
-                          capture_output=True, text=True, env=env, timeout=120)
+                          capture_output=True, text=True, env=env, timeout=600)
 
 
 def write_lines(path, lines: list[bytes]):
@@ -124,7 +124,7 @@ def _peak_rss_mb(args):
             "print([l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM')][0])"
             % (["x"] + args, TOOL))
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         env={**os.environ, "PYTHONPATH": REPO}, timeout=300)
+                         env={**os.environ, "PYTHONPATH": REPO}, timeout=900)
     return int(out.stdout.strip().splitlines()[-1]) / 1024
 
 

@@ -53,7 +53,7 @@ def test_script_settings_pass_the_dry_run(script, tmp_path):
     env = {**os.environ, "DRY_RUN_ONLY": "1", "SLURM_JOB_NUM_NODES": sb["nodes"],
            "REPO_DIR": REPO, "RUN_DIR": str(tmp_path / "run")}
     out = subprocess.run(["bash", os.path.join("slurm", script)], cwd=REPO, env=env,
-                         capture_output=True, text=True, timeout=120)
+                         capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout + out.stderr
     assert f"on {sb['nodes']} node(s) x 8 H100" in out.stdout
     assert "fits on H100 (79.6 GiB): yes" in out.stdout
@@ -73,7 +73,7 @@ def test_cpu_smoke_settings_pass_the_dry_run_as_cpu_processes(script, tmp_path):
            "RECIPE": recipe, "TOKENIZER": "", "INIT_CKPT": "", "STAGE1_RUN": "",
            "STAGE2_RUN": "", "SFT_DATA": str(tmp_path)}
     out = subprocess.run(["bash", os.path.join("slurm", script)], cwd=REPO, env=env,
-                         capture_output=True, text=True, timeout=120)
+                         capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout + out.stderr
     assert "on 1 node(s) x 2 CPU processes = 2 processes" in out.stdout
     assert "TP=2 PP=1 CP=1 DP=1" in out.stdout and theta in out.stdout

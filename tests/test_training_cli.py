@@ -33,7 +33,7 @@ def test_sigterm_saves_and_the_next_launch_resumes(tmp_path):
             proc.send_signal(signal.SIGTERM)  # what Slurm (or the batch shell's trap) sends
             break
         assert time.time() < deadline, "".join(lines)
-    rest, _ = proc.communicate(timeout=300)
+    rest, _ = proc.communicate(timeout=900)
     out = "".join(lines) + rest
     assert proc.returncode == 0, out
     assert "(preempted)" in out
@@ -43,7 +43,7 @@ def test_sigterm_saves_and_the_next_launch_resumes(tmp_path):
     assert stopped_at >= 2
 
     again = subprocess.run(_cmd(run_dir, f"training.exit_at_step={stopped_at + 2}"), cwd=REPO,
-                           env=env, capture_output=True, text=True, timeout=300)
+                           env=env, capture_output=True, text=True, timeout=900)
     assert again.returncode == 0, again.stdout + again.stderr
     assert f"resuming from {run_dir / 'checkpoints' / latest}" in again.stdout
     records = [json.loads(l) for l in open(run_dir / "metrics.jsonl")]
@@ -56,7 +56,7 @@ def test_sigterm_saves_and_the_next_launch_resumes(tmp_path):
 
 def test_bad_override_exits_2_with_the_field_name(tmp_path):
     out = subprocess.run(_cmd(tmp_path, "training.loss_chunk_size=-1"), cwd=REPO,
-                         capture_output=True, text=True, timeout=120)
+                         capture_output=True, text=True, timeout=600)
     assert out.returncode == 2
     assert "training.loss_chunk_size=-1" in out.stderr
 
@@ -68,7 +68,7 @@ def test_tokenizer_that_does_not_fit_the_model_is_refused(tmp_path):
     (tmp_path / "notes.txt").write_text("mine\n")
     # The demo's byte tokenizer has 512 ids; a 1024-row embedding means the wrong tokenizer.
     out = subprocess.run(_cmd(tmp_path, "model.vocab_size=1024"), cwd=REPO,
-                         capture_output=True, text=True, timeout=120)
+                         capture_output=True, text=True, timeout=600)
     assert out.returncode == 2, out.stdout + out.stderr
     assert "data.tokenizer='byte' vs model.vocab_size=1024" in out.stderr
     assert sorted(os.listdir(tmp_path)) == ["config.yaml", "notes.txt"]

@@ -78,7 +78,7 @@ def test_demo_corpus_failure_on_rank_0_ends_every_rank(tmp_path):
     rather than after the process group's timeout in the broadcast."""
     from distributed import run_distributed
 
-    results = run_distributed(_demo_corpus_fails_on_rank_0, 2, str(tmp_path), timeout=120)
+    results = run_distributed(_demo_corpus_fails_on_rank_0, 2, str(tmp_path), timeout=600)
     assert results[0][:2] == (0, "OSError") and "No space left" in results[0][2]
     assert results[1][:2] == (1, "RuntimeError")
     assert "rank 0 failed at start-up" in results[1][2] and "No space left" in results[1][2]

@@ -14,6 +14,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron_prolong.config import ConfigError, ModelConfig, ParallelConfig
 from megatron_prolong.model.attention import DocumentMaskedAttention
 from megatron_prolong.model.context_parallel import te_context_parallel_kwargs
+from megatron_prolong.model.initialization import initialize_layout_free
 from megatron_prolong.model.loss import DEFAULT_CHUNK_SIZE, ChunkedLossGPTModel
 
 
@@ -135,8 +136,13 @@ def build_llama(
     post_process: bool = True,
     use_te: Optional[bool] = None,
     loss_chunk_size: int = DEFAULT_CHUNK_SIZE,
+    init_seed: Optional[int] = None,
 ) -> GPTModel:
     """The model chunk of this pipeline stage (parallel_state must be initialized).
+
+    With `init_seed` the weights are this stage's and rank's slices of one model drawn from the
+    seed (model/initialization.py): the same under every parallel layout. Without it megatron's
+    own per-shard initialisation, for callers that load weights right away.
 
     With labels the model returns per-token losses computed by the chunked cross-entropy
     (model/loss.py) in chunks of `loss_chunk_size` tokens; 0 uses megatron's full-logits loss.
@@ -158,7 +164,7 @@ def build_llama(
     model_class = ChunkedLossGPTModel if loss_chunk_size > 0 else GPTModel
     extra = (dict(loss_chunk_size=loss_chunk_size, fused_loss=model.fused_loss)
              if loss_chunk_size > 0 else {})
-    return model_class(
+    gpt = model_class(
         config=config,
         transformer_layer_spec=llama_layer_spec(use_te, model.local_attention_kernel),
         vocab_size=model.vocab_size,
@@ -171,3 +177,9 @@ def build_llama(
         rotary_base=int(model.rotary_base),
         **extra,
     )
+    if init_seed is not None:
+        # Over megatron's own initialisation, which stays on: it also marks the parameters
+        # tensor-parallel (set_tensor_model_parallel_attributes), which the gradient norm and
+        # clipping rely on.
+        initialize_layout_free(gpt, config, init_seed)
+    return gpt

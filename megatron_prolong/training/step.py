@@ -118,6 +118,7 @@ def build_model_chunks(cfg: RunConfig, runtime: Runtime, wrap_ddp: bool = True) 
         post_process=parallel_state.is_pipeline_last_stage(),
         use_te=use_te,
         loss_chunk_size=cfg.training.loss_chunk_size,
+        init_seed=cfg.training.seed,  # the same model under every layout
     ).to(runtime.device)
     if not wrap_ddp:
         return [module]
