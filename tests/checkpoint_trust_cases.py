@@ -118,10 +118,15 @@ def out_of_space_case(root):
 
     filesystem_async._write_item = full_write
     ckpt_mod.CheckpointManager.save = save_then_fill
+    # train.py takes a recipe first: a one-line one, the rest as the tests' BASE overrides.
+    os.makedirs(root, exist_ok=True)
+    recipe = os.path.join(root, "recipe.yaml")
+    with open(recipe, "w") as f:
+        f.write("name: out_of_space\n")
     err = io.StringIO()
     with contextlib.redirect_stderr(err):
-        rc = main(BASE + [f"run_dir={root}", "training.train_steps=3",
-                          "checkpoint.save_interval=1"])
+        rc = main([recipe] + BASE + [f"run_dir={root}", "training.train_steps=3",
+                                     "checkpoint.save_interval=1"])
     checkpoints = os.path.join(root, "checkpoints")
     with open(os.path.join(checkpoints, "latest")) as f:
         latest = f.read().strip()
