@@ -61,6 +61,21 @@ def test_shipped_recipes_pass_and_a_step_too_big_for_the_gpu_is_refused():
         check_start_up_limits(many, validate(many, 64), small_host)
 
 
+def test_recompute_auto_and_block_are_priced_as_megatron_will_run_them():
+    """`model.recompute=auto` is checked at the least memory the planner could pick (full), and
+    an explicit block plan by its own layers (the planner's settings, issue 18)."""
+    H100 = Machine("cuda", int(79.6 * GIB), 1024 * GIB, 1)
+    auto = load_config("examples/bench_64k_1gpu.yaml", ["model.recompute=auto"])
+    check_start_up_limits(auto, validate(auto, 1), H100)
+    block = load_config("examples/bench_64k_1gpu.yaml", [
+        "model.recompute=full", "model.recompute_method=block", "model.recompute_num_layers=7"])
+    check_start_up_limits(block, validate(block, 1), H100)
+    too_big = load_config("examples/bench_64k_1gpu.yaml",
+                          ["model.recompute=auto", "training.seq_length=2097152"])
+    with pytest.raises(ConfigError, match=r"model.recompute=auto\), more than 2 x"):
+        check_start_up_limits(too_big, validate(too_big, 1), H100)
+
+
 def test_a_cpu_run_is_checked_against_host_memory_without_the_cuda_allowance():
     cfg = load_config("examples/demo_cpu.yaml", ["training.device=auto"])
     layout = validate(cfg, 4)

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from megatron_prolong.config import ConfigError, Layout, RunConfig
-from megatron_prolong.training.dry_run import GIB, estimate_memory
+from megatron_prolong.training.dry_run import GIB, RecomputePlan, estimate_memory
 
 MAX_MICROBATCHES_PER_STEP = 65536
 MEMORY_HEADROOM = 2.0
@@ -77,7 +77,11 @@ def check_start_up_limits(cfg: RunConfig, layout: Layout,
             "training.global_batch_size or raise training.micro_batch_size")
     machine = machine or this_machine(cfg)
     est = estimate_memory(cfg, layout)
-    model_bytes = est.total(cfg.model.recompute)
+    # The configured recomputation as megatron-core will run it (modules, block/uniform); for
+    # `auto` the least memory the planner could choose (it picks against the real GPU later).
+    plan = (RecomputePlan("full") if cfg.model.recompute == "auto"
+            else RecomputePlan.of(cfg.model))
+    model_bytes = est.total(plan)
     if machine.device_memory is None:  # CPU processes: no CUDA context or NCCL buffers
         model_bytes -= est.overhead
     # The step's micro-batches are collected in host memory before the step runs.
