@@ -49,6 +49,7 @@ import torch.distributed as dist
 import yaml
 from megatron.core import dist_checkpointing, tensor_parallel
 
+from megatron_prolong.atomic_file import write_bytes_synced
 from megatron_prolong.config import ConfigError, ModelConfig, RunConfig, config_from_dict, to_dict
 from megatron_prolong.training import manifest
 from megatron_prolong.training.agreement import on_all_ranks
@@ -115,18 +116,13 @@ def _barrier() -> None:
 
 
 def _fsync_write(path: str, data: bytes) -> None:
-    # O_NOFOLLOW: a symbolic link planted at a name the project writes is refused, not followed.
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644)
+        write_bytes_synced(path, data)
     except OSError as exc:
         if exc.errno == errno.ELOOP:
             raise CheckpointError(f"{path} is a symbolic link; checkpoint files are written only "
                                   "as regular files: remove the link") from None
         raise
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
 
 
 def _refuse_link(path: str) -> None:

@@ -23,6 +23,8 @@ from typing import Optional
 
 import torch.distributed as dist
 
+from megatron_prolong.atomic_file import write_bytes_synced
+
 MANIFEST = "manifest.json"
 _CHUNK = 8 << 20
 _OWNER = re.compile(r"^(?:__|rank_)(\d+)[_.]")
@@ -102,12 +104,7 @@ def write_manifest(root: str, parts: list[dict]) -> None:
     body = {"format": 1, "algorithm": default_algorithm(),
             "files": {rel: {"size": size, "digest": digest}
                       for rel, (size, digest) in sorted(entries.items())}}
-    fd = os.open(os.path.join(root, MANIFEST),
-                 os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644)
-    with os.fdopen(fd, "w") as f:
-        json.dump(body, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
+    write_bytes_synced(os.path.join(root, MANIFEST), json.dumps(body, indent=1).encode())
 
 
 class ManifestError(ValueError):
